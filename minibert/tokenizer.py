@@ -1,0 +1,73 @@
+"""BERT's WordPiece tokenizer as a `tokenizers.Tokenizer`, with padding and truncation left to the caller.
+
+    tok = load_tokenizer("bert-base-uncased")          # or a local directory
+    enc = tok.encode("Hello world!", "Second segment")  # enc.ids, enc.type_ids, enc.attention_mask
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """From tokenizer.json when the checkpoint has one, else from vocab.txt and tokenizer_config.json's
+    casing, built exactly as transformers' BertTokenizerFast builds it."""
+    from minibert.checkpoint import resolve_model_dir
+
+    directory = resolve_model_dir(name_or_path, need_weights=False)
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    elif (directory / "vocab.txt").is_file():
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        tokenizer = bert_wordpiece_tokenizer(
+            directory / "vocab.txt",
+            lowercase=config.get("do_lower_case", True),
+            strip_accents=config.get("strip_accents"),
+            tokenize_chinese_chars=config.get("tokenize_chinese_chars", True),
+        )
+    else:
+        raise FileNotFoundError(f"{directory} has no tokenizer.json or vocab.txt: pass a directory (or hub id) with BERT's tokenizer files")
+    # Some checkpoints bake in padding/truncation (MiniLM pads to 128); minibert pads per batch instead.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def bert_wordpiece_tokenizer(vocab_file, *, lowercase=True, strip_accents=None, tokenize_chinese_chars=True) -> Tokenizer:
+    vocab = {}
+    for index, line in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines()):
+        vocab.setdefault(line.rstrip("\n"), index)
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=tokenize_chinese_chars, strip_accents=strip_accents, lowercase=lowercase
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
+        if token in vocab:
+            tokenizer.add_special_tokens([token])
+    return tokenizer
+
+
+def tokenizer_settings(tokenizer: Tokenizer) -> dict:
+    """The normaliser settings transformers needs in tokenizer_config.json to rebuild the same tokenizer."""
+    normalizer = json.loads(tokenizer.to_str()).get("normalizer") or {}
+    if normalizer.get("type") == "Sequence":  # find the BertNormalizer inside a sequence
+        normalizer = next((n for n in normalizer["normalizers"] if n.get("type") == "BertNormalizer"), {})
+    return {
+        "lowercase": normalizer.get("lowercase", True),
+        "strip_accents": normalizer.get("strip_accents"),
+        "tokenize_chinese_chars": normalizer.get("handle_chinese_chars", True),
+    }

@@ -1,0 +1,49 @@
+"""Shared test setup: offline hub, the Triton interpreter on machines without a GPU, small models."""
+
+import os
+
+# Before anything imports huggingface_hub or triton.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up fails at once instead of retrying for ~23 s
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU through its interpreter
+
+import pytest
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_hf_config(**overrides):
+    """A transformers BertConfig small enough that a test runs in milliseconds, with sizes that are all
+    different from each other so that a transposed or swapped weight cannot go unnoticed."""
+    import transformers
+
+    kwargs = dict(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    return transformers.BertConfig(**kwargs)
+
+
+def padded_batch(vocab_size=99, lengths=(11, 7, 1, 9), seed=0):
+    """input_ids, attention_mask (right-padded, with zeros) and token types with two segments."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), max(lengths)
+    input_ids = torch.randint(5, vocab_size, (B, T), generator=g)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    token_type_ids = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        attention_mask[b, :n] = 1
+        token_type_ids[b, n // 2 : n] = 1
+    input_ids[attention_mask == 0] = 0
+    input_ids[:, 0] = 2  # a [CLS]-like first token
+    return input_ids, attention_mask, token_type_ids
+
+
+@pytest.fixture
+def minilm_dir():
+    from minibert.assets import minilm_dir
+
+    return minilm_dir()
