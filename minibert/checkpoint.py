@@ -66,7 +66,9 @@ LEGACY_SUFFIXES = {"gamma": "weight", "beta": "bias"}  # TF-era LayerNorm names 
 
 
 def _compile(table: dict[str, str | None]) -> list[tuple[re.Pattern, str | None]]:
-    return [(re.compile(re.escape(hf).replace(r"\{\}", r"(\d+)") + r"\.(\w+)$"), mb) for hf, mb in table.items()]
+    # A dropped entry (None) may name a whole tensor (embeddings.position_ids), so its suffix is optional.
+    suffix = {True: r"(?:\.(\w+))?", False: r"\.(\w+)"}
+    return [(re.compile(re.escape(hf).replace(r"\{\}", r"(\d+)") + suffix[mb is None]), mb) for hf, mb in table.items()]
 
 
 _ENCODER = _compile(ENCODER_MODULES)
@@ -149,12 +151,17 @@ def resolve_model_dir(name_or_path: str | os.PathLike, *, need_weights: bool = T
 
 def _download_from_hub(repo_id: str, need_weights: bool) -> Path:
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    class Unreachable(Exception):
+        pass
 
     def fetch(filename: str) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, filename))
-        except EntryNotFoundError:
+        except LocalEntryNotFoundError as e:  # offline and not cached (a subclass of EntryNotFoundError)
+            raise Unreachable(str(e)) from None
+        except EntryNotFoundError:  # the repo exists but has no such file
             return None
 
     cache = constants.HF_HUB_CACHE
@@ -172,8 +179,11 @@ def _download_from_hub(repo_id: str, need_weights: bool) -> Path:
                     break
             else:
                 raise FileNotFoundError(f"hub repo {repo_id} has no PyTorch weights ({', '.join(WEIGHT_FILES)})")
-        for filename in TOKENIZER_FILES:
-            fetch(filename)
+        for filename in TOKENIZER_FILES:  # optional: a cache may hold the model without them
+            try:
+                fetch(filename)
+            except Unreachable:
+                pass
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise FileNotFoundError(
             f"{repo_id!r} is neither a local directory nor a hub model you can access ({type(e).__name__}): "
@@ -181,7 +191,7 @@ def _download_from_hub(repo_id: str, need_weights: bool) -> Path:
         ) from None
     except FileNotFoundError:
         raise
-    except Exception as e:  # offline, DNS failure, timeout, proxy: huggingface_hub raises many kinds
+    except Exception as e:  # offline (Unreachable), DNS failure, timeout, proxy: huggingface_hub raises many kinds
         how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub could not be reached ({type(e).__name__})"
         raise FileNotFoundError(
             f"{repo_id!r} is not a local directory and not in the Hugging Face cache ({cache}), and {how}: "
@@ -228,8 +238,15 @@ def read_state_dict(directory: Path) -> dict[str, Tensor]:
 
 
 def _short(keys) -> str:
+    """A one-line summary: every key when there are few, else each module once with its count."""
     keys = sorted(keys)
-    return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    if len(keys) <= 6:
+        return ", ".join(keys)
+    modules: dict[str, int] = {}
+    for key in keys:
+        module = re.sub(r"\.\d+\.", ".*.", key.rsplit(".", 1)[0])
+        modules[module] = modules.get(module, 0) + 1
+    return ", ".join(f"{m}.* ({n})" for m, n in modules.items())
 
 
 def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bool = True, **config_overrides):

@@ -1,0 +1,278 @@
+"""Checkpoints in every format HF uses, the real pretrained MiniLM, round trips, and bad input."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import minibert
+from conftest import padded_batch, tiny_hf_config
+from minibert import BertConfig
+from minibert.checkpoint import ENCODER_MODULES, hf_to_minibert_key, read_state_dict
+
+ATOL = 1e-5
+
+
+def hf_classifier(tmp_path, num_labels=3, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.BertForSequenceClassification(tiny_hf_config(num_labels=num_labels)).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def logits_of(model, batch):
+    ids, mask, types = batch
+    if isinstance(model, transformers.PreTrainedModel):
+        return model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    return model(ids, attention_mask=mask, token_type_ids=types).logits
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_safetensors_and_bin_give_the_same_model(tmp_path):
+    hf = hf_classifier(tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    hf.config.save_pretrained(tmp_path / "bin")
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    batch = padded_batch()
+    expected = logits_of(hf, batch)
+    for sub in ("st", "bin"):
+        model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / sub)).eval()
+        assert (logits_of(model, batch) - expected).abs().max() < ATOL
+
+
+def test_legacy_gamma_beta_bin(tmp_path):
+    """Old checkpoints (bert-base-uncased's pytorch_model.bin) name LayerNorm weights gamma/beta."""
+    hf = hf_classifier(tmp_path / "src")
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+              for k, v in hf.state_dict().items()}
+    assert any(k.endswith("gamma") for k in legacy)
+    (tmp_path / "legacy").mkdir()
+    hf.config.save_pretrained(tmp_path / "legacy")
+    torch.save(legacy, tmp_path / "legacy" / "pytorch_model.bin")
+    model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "legacy")).eval()
+    assert (logits_of(model, padded_batch()) - logits_of(hf, padded_batch())).abs().max() < ATOL
+
+
+def test_sharded_safetensors(tmp_path):
+    hf = hf_classifier(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "sharded")).eval()
+    assert (logits_of(model, padded_batch()) - logits_of(hf, padded_batch())).abs().max() < ATOL
+
+
+def test_encoder_checkpoint_into_classifier_reports_new_head(tmp_path, caplog):
+    torch.manual_seed(0)
+    hf = transformers.BertModel(tiny_hf_config()).eval()
+    hf.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="minibert"):
+        model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=4)
+    assert model.new_keys == ["classifier.bias", "classifier.weight"]
+    assert "newly initialised" in caplog.text and "classifier.weight" in caplog.text
+    # the encoder is the checkpoint's, exactly
+    ids, mask, types = padded_batch()
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
+    hidden, layout = model.eval().bert.encode(ids, mask, types)
+    assert (model.bert.pooler(layout.first_tokens(hidden)) - ref).abs().max() < ATOL
+
+
+def test_checkpoint_without_pooler_and_pretraining_heads_dropped(tmp_path, caplog):
+    torch.manual_seed(0)
+    hf = transformers.BertForPreTraining(tiny_hf_config()).eval()
+    hf.save_pretrained(tmp_path / "pt")
+    with caplog.at_level(logging.WARNING, logger="minibert"):
+        minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "pt"))
+    assert "not used" in caplog.text and "cls.seq_relationship.* (2)" in caplog.text
+    tok = transformers.BertForTokenClassification(tiny_hf_config(num_labels=3))
+    tok.save_pretrained(tmp_path / "nopool")
+    assert not any(k.startswith("bert.pooler") for k in read_state_dict(tmp_path / "nopool"))
+    model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "nopool"))
+    assert "bert.pooler.dense.weight" in model.new_keys
+
+
+def test_key_table_covers_every_hf_bert_key():
+    hf = transformers.BertForPreTraining(tiny_hf_config())
+    mb = minibert.BertForPreTraining(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=37, max_position_embeddings=64))
+    mb_keys = set(mb.state_dict())
+    for key in hf.state_dict():
+        target = hf_to_minibert_key(key, "bert.")
+        assert target is None or target in mb_keys, key
+    assert hf_to_minibert_key("bert.embeddings.position_ids", "bert.") is None
+    assert hf_to_minibert_key("encoder.layer.11.output.LayerNorm.gamma", "") == "layers.11.feed_forward_norm.weight"
+    assert "encoder.layer.{}.attention.self.query" in ENCODER_MODULES
+
+
+# ----------------------------------------------------------------------------- the real pretrained MiniLM
+
+SENTENCES = [
+    "The gorgeously elaborate continuation of ''The Lord of the Rings'' trilogy is so huge.",
+    "Effective but too tepid biopic",
+    "Ünïcödé, punctuation... and numbers like 3.14 aren't a problem!",
+]
+
+
+def test_minilm_hidden_states_and_tokenizer_equal_transformers(minilm_dir):
+    hf_tok = transformers.BertTokenizer.from_pretrained(minilm_dir)
+    tok = minibert.load_tokenizer(str(minilm_dir))
+    encodings = tok.encode_batch(SENTENCES)
+    for sentence, enc in zip(SENTENCES, encodings):
+        assert enc.ids == hf_tok(sentence)["input_ids"], sentence
+    pair = tok.encode(SENTENCES[0], SENTENCES[1])
+    ref_pair = hf_tok(SENTENCES[0], SENTENCES[1])
+    assert pair.ids == ref_pair["input_ids"] and pair.type_ids == ref_pair["token_type_ids"]
+
+    hf_batch = hf_tok(SENTENCES, padding=True, return_tensors="pt")
+    hf = transformers.AutoModel.from_pretrained(minilm_dir).eval()
+    model = minibert.BertModel.from_pretrained(str(minilm_dir)).eval()
+    with torch.no_grad():
+        ref = hf(**hf_batch)
+        out = model(hf_batch["input_ids"], hf_batch["attention_mask"], hf_batch["token_type_ids"])
+    real = hf_batch["attention_mask"].bool()
+    assert (ref.last_hidden_state[real] - out.last_hidden_state[real]).abs().max() < ATOL
+    assert (ref.pooler_output - out.pooler_output).abs().max() < ATOL
+
+
+def test_tokenizer_from_vocab_txt_only(tmp_path, minilm_dir):
+    """A checkpoint with vocab.txt but no tokenizer.json (older hub models) tokenizes the same."""
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((minilm_dir / name).read_bytes())
+    from_vocab = minibert.load_tokenizer(str(tmp_path))
+    from_json = minibert.load_tokenizer(str(minilm_dir))
+    for sentence in SENTENCES:
+        assert from_vocab.encode(sentence).ids == from_json.encode(sentence).ids
+    assert from_vocab.encode("a", "b").type_ids == [0, 0, 0, 1, 1]
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize(
+    "mb_cls, auto_cls, kwargs",
+    [
+        (minibert.BertModel, transformers.AutoModel, {}),
+        (minibert.BertForPreTraining, transformers.BertForPreTraining, {}),
+        (minibert.BertForSequenceClassification, transformers.AutoModelForSequenceClassification,
+         {"id2label": {0: "neg", 1: "neu", 2: "pos"}, "num_labels": 3}),
+        (minibert.BertForTokenClassification, transformers.AutoModelForTokenClassification, {"num_labels": 5}),
+    ],
+)
+def test_minibert_to_transformers(tmp_path, minilm_dir, mb_cls, auto_cls, kwargs):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                     max_position_embeddings=64, **kwargs)
+    model = mb_cls(cfg).eval()
+    model.save_pretrained(tmp_path, tokenizer=None)
+    hf, info = auto_cls.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    hf.eval()
+    ids, mask, types = padded_batch()
+    out = model(ids, attention_mask=mask, token_type_ids=types)
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    real = mask.bool()
+    if mb_cls is minibert.BertModel:
+        pairs = [(out.last_hidden_state[real], ref.last_hidden_state[real]), (out.pooler_output, ref.pooler_output)]
+    elif mb_cls is minibert.BertForPreTraining:
+        pairs = [(out.mlm_logits[real], ref.prediction_logits[real]), (out.nsp_logits, ref.seq_relationship_logits)]
+    elif mb_cls is minibert.BertForTokenClassification:
+        pairs = [(out.logits[real], ref.logits[real])]
+    else:
+        pairs = [(out.logits, ref.logits)]
+        assert hf.config.id2label == {0: "neg", 1: "neu", 2: "pos"} and hf.config.label2id["pos"] == 2
+    for a, b in pairs:
+        assert (a - b).abs().max() < ATOL
+    assert hf.config.architectures == [mb_cls.__name__]
+
+
+def test_transformers_to_minibert_and_back(tmp_path, minilm_dir):
+    hf = hf_classifier(tmp_path / "hf")
+    model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = minibert.load_tokenizer(str(minilm_dir))
+    model.save_pretrained(tmp_path / "mb", tokenizer=tok)
+    again = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "mb")).eval()
+    batch = padded_batch()
+    assert (logits_of(again, batch) - logits_of(hf, batch)).abs().max() < ATOL
+    # the saved tokenizer loads in transformers and in minibert, with the same ids
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "mb")
+    assert hf_tok(SENTENCES[0])["input_ids"] == minibert.load_tokenizer(str(tmp_path / "mb")).encode(SENTENCES[0]).ids
+
+
+def test_config_round_trip_keeps_unknown_keys(tmp_path):
+    hf_classifier(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["some_future_key"] = [1, 2]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = BertConfig.from_json_file(tmp_path / "config.json")
+    assert cfg.extra["some_future_key"] == [1, 2] and cfg.num_labels == 3
+    cfg.to_json_file(tmp_path / "again.json")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["some_future_key"] == [1, 2] and again["hidden_size"] == 32 and again["id2label"]["2"] == "LABEL_2"
+
+
+def test_presets():
+    sizes = {name: (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size)
+             for name in ("tiny", "mini", "small", "medium", "base", "large") for c in [BertConfig.preset(name)]}
+    assert sizes == {"tiny": (2, 128, 2, 512), "mini": (4, 256, 4, 1024), "small": (4, 512, 8, 2048),
+                     "medium": (8, 512, 8, 2048), "base": (12, 768, 12, 3072), "large": (24, 1024, 16, 4096)}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_path():
+    with pytest.raises(FileNotFoundError, match="no such directory: ./does/not/exist"):
+        minibert.BertModel.from_pretrained("./does/not/exist")
+
+
+def test_hub_id_while_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"not in the Hugging Face cache.*hf download bert-base-uncased"):
+        minibert.BertModel.from_pretrained("bert-base-uncased")
+
+
+def test_truncated_safetensors(tmp_path):
+    hf_classifier(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        minibert.BertForSequenceClassification.from_pretrained(str(tmp_path))
+
+
+def test_non_bert_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*BERT only"):
+        minibert.BertModel.from_pretrained(str(tmp_path))
+
+
+def test_head_shape_mismatch_and_reinit(tmp_path):
+    hf_classifier(tmp_path, num_labels=3)
+    with pytest.raises(ValueError, match="classifier has 3 outputs but the model asks for 2.*reinit"):
+        minibert.BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=2, id2label=None)
+    model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=2, id2label=None, reinit_head=True)
+    assert model.classifier.weight.shape == (2, 32)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
+        BertConfig(hidden_size=100, num_attention_heads=12)
+    with pytest.raises(ValueError, match="choose one of eager, sdpa, triton"):
+        BertConfig(attn_impl="flash")
+    with pytest.raises(ValueError, match="hidden_act 'gelu2'"):
+        BertConfig(hidden_act="gelu2")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        BertConfig.preset("huge")
+
+
+def test_sequence_longer_than_positions():
+    model = minibert.BertModel(BertConfig.preset("tiny", max_position_embeddings=16, vocab_size=50))
+    with pytest.raises(ValueError, match="sequence length 17 exceeds the model's 16 positions"):
+        model(torch.ones(1, 17, dtype=torch.long))
