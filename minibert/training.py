@@ -1,0 +1,355 @@
+"""The training loop's pieces, shared by train_finetune.py and train_pretrain.py: one implementation.
+
+    dist = setup_distributed()                      # torchrun's environment, or a single process
+    trainer = Trainer(model, TrainingSettings(...), total_steps, output_dir, dist)
+    state = trainer.resume() if resume else TrainState()
+    loss = trainer.step(micro_batches)              # accumulate, clip, AdamW, schedule
+    trainer.save_checkpoint(state)                  # atomic: a killed save never corrupts the last one
+
+What is here and why:
+- AdamW with no weight decay on biases and LayerNorms, optional layer-wise learning-rate decay.
+- Linear warmup, then linear decay to zero (BERT's schedule).
+- Gradient accumulation and clipping; bf16/fp16 autocast; torch.compile on request.
+- DDP when launched with torchrun (gloo on CPU, nccl on GPU): the same script, no extra flag.
+- Checkpoints that resume exactly: model, optimizer, scheduler, every RNG, and the data position.
+- metrics.jsonl logging and PNG training curves (matplotlib optional).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    def all_reduce_mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(t)
+        return t.item() / self.world_size
+
+
+def setup_distributed(device: str | None = None) -> Distributed:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; start the process group if there are several ranks."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank, dev)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ----------------------------------------------------------------------------- settings and state
+
+
+@dataclass
+class TrainingSettings:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    layer_lr_decay: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on GPU, with loss scaling)
+    compile: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8  # HF Trainer's; Google's BERT used 1e-6
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision {self.precision!r} is unknown; choose fp32, bf16 or fp16")
+        if self.grad_accum < 1:
+            raise ValueError(f"--grad-accum must be at least 1, got {self.grad_accum}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly where it stopped."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch in progress
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    examples_seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+
+def build_optimizer(model: nn.Module, settings: TrainingSettings, device: torch.device) -> torch.optim.AdamW:
+    groups = model.parameter_groups(settings.weight_decay, settings.layer_lr_decay)
+    for group in groups:
+        group["lr"] = settings.lr * group["lr_scale"]
+    fused = device.type == "cuda"  # one kernel for the whole update on GPU
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.adam_eps, fused=fused)
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the peak, then linear decay to 0 at total_steps (as BERT and HF do)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def _atomic_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Owns the model's optimizer, schedule, precision and checkpoints; the scripts own their data loops."""
+
+    CHECKPOINT = "checkpoint"  # DIR/checkpoint/: the latest resumable state
+
+    def __init__(self, model: nn.Module, settings: TrainingSettings, total_steps: int, output_dir: str | Path,
+                 dist: Distributed | None = None):
+        self.settings, self.total_steps = settings, total_steps
+        self.dist = dist or Distributed()
+        self.output_dir = Path(output_dir)
+        self.device = self.dist.device
+        if settings.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on the CPU")
+        self.model = model.to(self.device)  # the bare model: saved, evaluated
+        self.optimizer = build_optimizer(self.model, settings, self.device)
+        self.scheduler = linear_schedule(self.optimizer, round(settings.warmup_ratio * total_steps), total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
+        self.train_model = self.model  # what the forward pass calls: maybe compiled, maybe DDP-wrapped
+        if settings.compile:
+            self.train_model = torch.compile(self.train_model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
+
+    def autocast(self):
+        if self.settings.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss and the lr used."""
+        self.train_model.train()
+        total = 0.0
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # DDP all-reduces gradients on every backward; skip that until the last micro-batch.
+            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
+            with sync:
+                with self.autocast():
+                    out = self.train_model(**self.to_device(batch))
+                loss = out.loss / len(micro_batches)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.settings.max_grad_norm > 0:
+            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"loss": self.dist.all_reduce_mean(total), "lr": lr, "grad_norm": grad_norm}
+
+    # --------------------------------------------------------------------- checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / self.CHECKPOINT
+
+    def save_checkpoint(self, state: TrainState, tokenizer=None, run_config: dict | None = None) -> None:
+        """Write DIR/checkpoint atomically: into a temporary folder, then swapped in by renames."""
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.output_dir / f".{self.CHECKPOINT}.tmp"
+            old = self.output_dir / f".{self.CHECKPOINT}.old"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp, tokenizer=tokenizer)
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None,
+                    "state": asdict(state),
+                    "rng": rng_state(),
+                },
+                tmp / "training_state.pt",
+            )
+            if run_config is not None:
+                _atomic_json(tmp / "run_config.json", run_config)
+            shutil.rmtree(old, ignore_errors=True)
+            if self.checkpoint_dir.exists():
+                os.replace(self.checkpoint_dir, old)
+            os.replace(tmp, self.checkpoint_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+
+    def find_checkpoint(self) -> Path | None:
+        for candidate in (self.checkpoint_dir, self.output_dir / f".{self.CHECKPOINT}.old"):
+            if (candidate / "training_state.pt").is_file():  # .old survives a kill between the two renames
+                return candidate
+        return None
+
+    def resume(self) -> TrainState:
+        """Restore model, optimizer, scheduler and RNGs from DIR/checkpoint; returns the saved TrainState."""
+        path = self.find_checkpoint()
+        if path is None:
+            raise FileNotFoundError(
+                f"--resume: no checkpoint in {self.output_dir} (expected {self.checkpoint_dir}/training_state.pt); "
+                "drop --resume to start a new run, or pass the --output-dir of the run to continue"
+            )
+        loaded = type(self.model).from_pretrained(str(path), verbose=False, attn_impl=self.model.config.attn_impl,
+                                                   unpad=self.model.config.unpad)
+        self.model.load_state_dict(loaded.state_dict())
+        del loaded
+        try:
+            saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"cannot read {path / 'training_state.pt'} ({e}): delete {path} and start again without --resume") from None
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        return TrainState(**saved["state"])
+
+    # --------------------------------------------------------------------- logging
+
+    def log_metrics(self, record: dict) -> None:
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Throughput:
+    """Examples (or tokens) per second over the recent steps, for the progress bar."""
+
+    def __init__(self):
+        self.start, self.count = time.perf_counter(), 0
+
+    def update(self, n: int) -> float:
+        self.count += n
+        return self.count / max(1e-9, time.perf_counter() - self.start)
+
+
+def plot_curves(metrics_path: Path, out_path: Path, train_key: str = "loss", eval_keys: tuple[str, ...] = ()) -> bool:
+    """Training loss and evaluation metrics against steps, as a PNG. False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r[train_key]) for r in records if r.get("split") == "train" and train_key in r]
+    evals = [r for r in records if r.get("split") == "eval"]
+    panels = [(f"train {train_key}", train)] + [
+        (f"eval {k}", [(r["step"], r[k]) for r in evals if r.get(k) is not None]) for k in eval_keys
+    ]
+    panels = [(title, points) for title, points in panels if points]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, points) in zip(axes[0], panels):
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return True
+
+
+def total_optimizer_steps(num_batches_per_epoch: int, epochs: int, grad_accum: int, max_steps: int | None) -> int:
+    """Optimizer steps of a run: --max-steps when given, else epochs * ceil(batches / grad_accum)."""
+    if max_steps:
+        return max_steps
+    return epochs * math.ceil(num_batches_per_epoch / grad_accum)

@@ -1,0 +1,114 @@
+"""The shared training loop: a fine-tuning trajectory equal to transformers', checkpoints and resume."""
+
+import pytest
+import torch
+import transformers
+
+import minibert
+from conftest import padded_batch, tiny_hf_config
+from minibert.training import Trainer, TrainingSettings, TrainState, linear_schedule
+
+
+def batches(num, seed=0):
+    out = []
+    for i in range(num):
+        ids, mask, types = padded_batch(lengths=(11, 7, 3, 9)[: 2 + i % 3], seed=seed + i)
+        labels = torch.arange(ids.shape[0]) % 3
+        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels})
+    return out
+
+
+def test_finetuning_trajectory_equals_transformers(tmp_path):
+    """Same initial weights, batches, optimizer (AdamW, no decay on biases/LayerNorm), warmup+linear
+    decay and clipping: the losses of minibert and transformers' BertForSequenceClassification agree."""
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(tiny_hf_config(num_labels=3))
+    hf.save_pretrained(tmp_path / "init")
+    mb = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "init"))
+    settings = TrainingSettings(lr=2e-3, weight_decay=0.01, warmup_ratio=0.25, max_grad_norm=0.5, grad_accum=2)
+    steps = 8
+    trainer = Trainer(mb, settings, total_steps=steps, output_dir=tmp_path / "run")
+
+    no_decay = [p for n, p in hf.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    decay = [p for n, p in hf.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    hf_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=2e-3)
+    hf_sched = transformers.get_linear_schedule_with_warmup(hf_opt, num_warmup_steps=2, num_training_steps=steps)
+    hf.train()
+
+    data = batches(2 * steps)
+    for step in range(steps):
+        micro = data[2 * step : 2 * step + 2]
+        ours = trainer.step(micro)
+        ref_loss = 0.0
+        for b in micro:
+            loss = hf(**b).loss / 2
+            loss.backward()
+            ref_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.5)
+        hf_lr = hf_opt.param_groups[0]["lr"]
+        hf_opt.step()
+        hf_sched.step()
+        hf_opt.zero_grad()
+        assert abs(ours["loss"] - ref_loss) < 1e-4, (step, ours["loss"], ref_loss)
+        assert ours["lr"] == pytest.approx(hf_lr)
+    # and training moved the weights the same way
+    hf_w = hf.classifier.weight.detach()
+    assert (mb.classifier.weight.detach() - hf_w).abs().max() < 1e-4
+
+
+def test_schedule_shape():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_schedule(opt, warmup_steps=2, total_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_layer_lr_decay_and_no_decay_groups():
+    cfg = minibert.BertConfig.preset("tiny", vocab_size=50, num_labels=2)
+    model = minibert.BertForSequenceClassification(cfg)
+    groups = model.parameter_groups(weight_decay=0.1, layer_lr_decay=0.5)
+    scale_of = {id(p): (g["weight_decay"], g["lr_scale"]) for g in groups for p in g["params"]}
+    assert scale_of[id(model.classifier.weight)] == (0.1, 1.0)
+    assert scale_of[id(model.classifier.bias)] == (0.0, 1.0)
+    assert scale_of[id(model.bert.layers[1].feed_forward.up.weight)] == (0.1, 0.5)  # top layer: decay**1
+    assert scale_of[id(model.bert.layers[0].attention_norm.weight)] == (0.0, 0.25)
+    assert scale_of[id(model.bert.embeddings.word.weight)] == (0.1, 0.125)  # decay**(L + 1)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    """Save after 3 steps, keep training to 6; a new trainer resumed from the save reaches the same losses.
+    Dropout is on, so the RNG state must be restored too."""
+    cfg = minibert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=37, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    model = minibert.BertForSequenceClassification(cfg)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainingSettings(lr=1e-3, warmup_ratio=0.3)
+    data = batches(6)
+    trainer = Trainer(model, settings, total_steps=6, output_dir=tmp_path)
+    losses = []
+    for step in range(6):
+        losses.append(trainer.step([data[step]])["loss"])
+        if step == 2:
+            trainer.save_checkpoint(TrainState(step=3))
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+    fresh = minibert.BertForSequenceClassification(cfg)
+    fresh.load_state_dict(initial)
+    resumed = Trainer(fresh, settings, total_steps=6, output_dir=tmp_path)
+    state = resumed.resume()
+    assert state.step == 3
+    again = [resumed.step([data[step]])["loss"] for step in range(3, 6)]
+    assert again == losses[3:]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    model = minibert.BertForSequenceClassification(minibert.BertConfig.preset("tiny", vocab_size=50))
+    trainer = Trainer(model, TrainingSettings(), total_steps=1, output_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
+        trainer.resume()
