@@ -187,10 +187,12 @@ class Trainer:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss and the lr used."""
+    def step(self, micro_batches: list[dict], metrics_fn=None) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss, the lr used, the
+        gradient norm, and the means of metrics_fn(output, batch) -> {name: float} if given."""
         self.train_model.train()
         total = 0.0
+        extra: dict[str, float] = {}
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             # DDP all-reduces gradients on every backward; skip that until the last micro-batch.
@@ -201,6 +203,10 @@ class Trainer:
                 loss = out.loss / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
+            if metrics_fn is not None:
+                with torch.no_grad():
+                    for name, value in metrics_fn(out, batch).items():
+                        extra[name] = extra.get(name, 0.0) + value / len(micro_batches)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
@@ -214,7 +220,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"loss": self.dist.all_reduce_mean(total), "lr": lr, "grad_norm": grad_norm}
+        extra = {name: self.dist.all_reduce_mean(value) for name, value in extra.items()}
+        return {"loss": self.dist.all_reduce_mean(total), "lr": lr, "grad_norm": grad_norm, **extra}
 
     # --------------------------------------------------------------------- checkpoints
 

@@ -47,3 +47,22 @@ def minilm_dir():
     from minibert.assets import minilm_dir
 
     return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_init_dir(tmp_path_factory):
+    """A tiny random BERT with the real uncased vocabulary and tokenizer files, as a local HF directory:
+    a stand-in for bert-base-uncased that trains in milliseconds."""
+    import shutil
+
+    import transformers
+
+    from minibert.assets import minilm_dir
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = tiny_hf_config(vocab_size=30522, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    transformers.BertModel(config).save_pretrained(directory)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / name, directory / name)
+    return directory

@@ -1,0 +1,587 @@
+"""Fine-tuning data: readers, errors, labels, tokenization, batching and the built-in tasks."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from minibert import assets
+from minibert.data import (
+    GLUE_TASKS,
+    IGNORE_INDEX,
+    DataError,
+    Example,
+    Features,
+    LabelVocab,
+    collate,
+    encode_examples,
+    eval_batches,
+    in_original_order,
+    load_examples,
+    load_glue,
+    movie_reviews,
+    train_batches,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    tok = Tokenizer.from_file(str(assets.minilm_dir() / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def write(folder, name, text, encoding="utf-8"):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+
+
+def test_csv_with_quoting_bom_and_crlf(tmp_path):
+    path = write(tmp_path, "train.csv", '\ufefftext,label\r\n"Great, really ""great""",positive\r\nbad,negative \r\n')
+    examples = load_examples(path, task_type="classification")
+    assert examples == [Example('Great, really "great"', None, "positive"), Example("bad", None, "negative")]
+
+
+def test_csv_quoted_newline_and_line_numbers(tmp_path):
+    path = write(tmp_path, "train.csv", 'text,label\n"two\nlines",1\nthree,x,extra\n')
+    with pytest.raises(DataError, match=r"train.csv line 4 has 3 fields but the header has 2"):
+        load_examples(path, task_type="classification")
+
+
+def test_tsv_pairs_keep_quotes_and_integer_labels(tmp_path):
+    path = write(tmp_path, "dev.tsv", 'premise\thypothesis\tlabel\nHe said "hi\tShe left.\t1\n"Odd" one\tx\t0\n\n')
+    examples = load_examples(path, task_type="classification", text_column="premise", text_pair_column="hypothesis")
+    assert examples == [Example('He said "hi', "She left.", "1"), Example('"Odd" one', "x", "0")]
+
+
+def test_jsonl_and_json_array(tmp_path):
+    lines = '{"text": "good", "label": 1}\n\n{"text": "bad", "label": 0.0}\n'
+    expected = [Example("good", None, "1"), Example("bad", None, "0")]
+    assert load_examples(write(tmp_path, "a.jsonl", lines), task_type="classification") == expected
+    assert load_examples(write(tmp_path, "b.json", lines), task_type="classification") == expected
+    array = '[{"text": "good", "label": 1},\n {"text": "bad", "label": 0}]'
+    assert load_examples(write(tmp_path, "c.json", array), task_type="classification") == expected
+
+
+def test_regression_labels(tmp_path):
+    path = write(tmp_path, "train.csv", "text,score\na,3.5\nb,-1e-1\n")
+    examples = load_examples(path, task_type="regression", label_column="score")
+    assert [ex.label for ex in examples] == [3.5, -0.1]
+
+
+def test_multilabel_csv_and_jsonl(tmp_path):
+    csv_path = write(tmp_path, "train.csv", "text,label\nx,comedy|action\ny,\nz,drama| drama |action\n")
+    examples = load_examples(csv_path, task_type="multilabel")
+    assert [ex.label for ex in examples] == [["comedy", "action"], [], ["drama", "action"]]
+    jsonl_path = write(
+        tmp_path, "train.jsonl", '{"text": "x", "label": ["comedy", "action"]}\n{"text": "y", "label": []}\n'
+    )
+    assert [ex.label for ex in load_examples(jsonl_path, task_type="multilabel")] == [["comedy", "action"], []]
+
+
+def test_unlabelled_test_file(tmp_path):
+    path = write(tmp_path, "test.tsv", "index\tsentence\n0\ta film\n1\tanother\n")
+    examples = load_examples(path, task_type="classification", text_column="sentence", require_labels=False)
+    assert examples == [Example("a film"), Example("another")]
+    jsonl = write(tmp_path, "test.jsonl", '{"text": "a"}\n')
+    assert load_examples(jsonl, task_type="regression", require_labels=False) == [Example("a")]
+
+
+def test_conll(tmp_path):
+    text = (
+        "-DOCSTART- -X- -X- O\n\n"
+        "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n\n"
+        "Peter\tB-PER\nBlackburn\tI-PER\n"  # tab-separated, no blank line at the end
+    )
+    examples = load_examples(write(tmp_path, "train.conll", text), task_type="token-classification")
+    assert examples == [
+        Example(["EU", "rejects"], None, ["B-ORG", "O"]),
+        Example(["Peter", "Blackburn"], None, ["B-PER", "I-PER"]),
+    ]
+    unlabelled = write(tmp_path, "test.txt", "Peter\nBlackburn\n\nHi\n")
+    assert load_examples(unlabelled, task_type="token-classification", require_labels=False) == [
+        Example(["Peter", "Blackburn"]),
+        Example(["Hi"]),
+    ]
+
+
+def test_token_jsonl(tmp_path):
+    text = (
+        '{"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}\n'
+        '{"tokens": [], "tags": []}\n'  # an empty sentence is skipped
+        '{"tokens": ["x"], "tags": [3]}\n'
+    )
+    examples = load_examples(write(tmp_path, "train.jsonl", text), task_type="token-classification")
+    assert examples == [Example(["EU", "rejects"], None, ["B-ORG", "O"]), Example(["x"], None, ["3"])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one clear error each
+
+
+def test_missing_file_names_path_and_flag(tmp_path):
+    with pytest.raises(DataError, match=r"--train-file: no such file: .*nope\.csv"):
+        load_examples(tmp_path / "nope.csv", task_type="classification", flag="--train-file")
+
+
+def test_missing_column_lists_columns_and_flag(tmp_path):
+    path = write(tmp_path, "train.csv", "sentence,label\na,1\n")
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: 'sentence', 'label'\).*--text-column"):
+        load_examples(path, task_type="classification")
+    with pytest.raises(DataError, match=r"no column 'hyp'.*--text-pair-column"):
+        load_examples(path, task_type="classification", text_column="sentence", text_pair_column="hyp")
+    jsonl = write(tmp_path, "train.jsonl", '{"text": "a", "stars": 1}\n')
+    with pytest.raises(DataError, match=r"line 1 has no column 'label' \(columns: 'text', 'stars'\).*--label-column"):
+        load_examples(jsonl, task_type="classification")
+
+
+@pytest.mark.parametrize("name, text", [("empty.csv", ""), ("header.tsv", "text\tlabel\n"), ("blank.jsonl", "\n\n")])
+def test_empty_dataset(tmp_path, name, text):
+    with pytest.raises(DataError, match="has no examples"):
+        load_examples(write(tmp_path, name, text), task_type="classification")
+
+
+def test_not_utf8_names_line_byte_and_iconv(tmp_path):
+    path = write(tmp_path, "train.tsv", "text\tlabel\ncaf\u00e9 ok\t1\nna\u00efve\t0\n", encoding="latin-1")
+    # "text\tlabel\n" is 11 bytes and "caf" 3 more: the bad byte \xe9 is byte 14, on line 2.
+    with pytest.raises(DataError, match=r"not UTF-8: line 2, byte 14 is b'\\xe9'.*iconv -f"):
+        load_examples(path, task_type="classification")
+
+
+def test_bad_regression_label(tmp_path):
+    path = write(tmp_path, "train.csv", "text,label\na,1.5\nb,positive\n")
+    with pytest.raises(DataError, match=r"line 3: regression label 'positive' is not a finite number"):
+        load_examples(path, task_type="regression")
+    with pytest.raises(DataError, match=r"line 1: regression label 'nan'"):
+        load_examples(write(tmp_path, "t.jsonl", '{"text": "a", "label": "nan"}\n'), task_type="regression")
+
+
+def test_malformed_conll_line(tmp_path):
+    path = write(tmp_path, "train.conll", "EU B-ORG\nrejects\n")
+    with pytest.raises(DataError, match=r"line 2: expected a word and its tag.*'rejects'"):
+        load_examples(path, task_type="token-classification")
+
+
+@pytest.mark.parametrize(
+    "name, text, task_type, message",
+    [
+        (
+            "a.jsonl",
+            '{"text": "a", "label": 1}\n{"text": "b", label: 0}\n',
+            "classification",
+            r"line 2 is not valid JSON",
+        ),
+        ("a.jsonl", '["a", 1]\n', "classification", r"line 1: expected a JSON object, found list"),
+        ("a.jsonl", '{"text": "a", "label": ["x", "y"]}\n', "classification", r"needs --task-type multilabel"),
+        ("a.jsonl", '{"text": "a", "label": null}\n', "classification", r"'label' is null"),
+        ("a.csv", "text,label\na,\n", "classification", r"line 2: empty label in column 'label'"),
+        ("a.txt", "text\tlabel\n", "classification", r"cannot tell the format .*\.txt.*use \.csv, \.tsv"),
+        ("a.jsonl", '{"tokens": ["a", "b"], "tags": ["O"]}\n', "token-classification", r"2 words but 1 tags"),
+        ("a.tsv", "text\tlabel\na\tb\t1\n", "classification", r"line 2 has 3 fields .* cannot hold one"),
+    ],
+)
+def test_other_bad_input(tmp_path, name, text, task_type, message):
+    with pytest.raises(DataError, match=message):
+        load_examples(write(tmp_path, name, text), task_type=task_type)
+
+
+def test_data_error_is_a_value_error():
+    assert issubclass(DataError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labels
+
+
+def test_label_vocab_sorts_integers_numerically_and_strings_alphabetically():
+    ints = LabelVocab.from_examples([Example("a", None, label) for label in ["10", "2", "0", "2"]], "classification")
+    assert ints.labels == ["0", "2", "10"]
+    names = LabelVocab.from_examples(
+        [Example("a", None, label) for label in ["positive", "negative"]], "classification"
+    )
+    assert names.id2label == {"0": "negative", "1": "positive"}
+    assert names.label2id == {"negative": 0, "positive": 1}
+    tags = LabelVocab.from_examples(
+        [Example(["a", "b"], None, ["O", "B-PER"]), Example(["c"], None, ["I-PER"])], "token-classification"
+    )
+    assert tags.labels == ["B-PER", "I-PER", "O"]
+    multi = LabelVocab.from_examples([Example("a", None, ["x", "a"]), Example("b", None, [])], "multilabel")
+    assert multi.labels == ["a", "x"]
+
+
+def test_label_vocab_from_id2label_keeps_ids():
+    vocab = LabelVocab.from_id2label({"1": "pos", "0": "neg", "2": "neutral"})
+    assert vocab.labels == ["neg", "pos", "neutral"]
+    assert LabelVocab.from_id2label({0: "neg", 1: "pos"}).id2label == {"0": "neg", "1": "pos"}
+    with pytest.raises(ValueError, match="ids must be 0..1"):
+        LabelVocab.from_id2label({0: "neg", 2: "pos"})
+
+
+def test_unseen_labels_are_all_named_with_the_file():
+    vocab = LabelVocab(["negative", "positive"])
+    assert vocab.encode(["positive", "negative"]) == [1, 0]
+    with pytest.raises(
+        DataError,
+        match=r"dev\.csv has labels the training data does not: 'neutral', 'postive' \(known: 'negative', 'positive'\)",
+    ):
+        vocab.encode(["positive", "postive", "neutral", "postive"], source="dev.csv")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def test_encode_single_and_pair_keep_token_types(tokenizer):
+    vocab = LabelVocab(["0", "1"])
+    (single,) = encode_examples(
+        tokenizer, [Example("The cat sat.", None, "1")], max_length=32, task_type="classification", label_vocab=vocab
+    )
+    assert single.input_ids.tolist() == [101, 1996, 4937, 2938, 1012, 102]  # [CLS] the cat sat . [SEP]
+    assert single.token_type_ids.tolist() == [0] * 6 and single.label == 1
+    (pair,) = encode_examples(
+        tokenizer,
+        [Example("The cat sat.", 'It was "fine".', "0")],
+        max_length=32,
+        task_type="classification",
+        label_vocab=vocab,
+    )
+    # [CLS] the cat sat . [SEP] it was " fine " . [SEP]
+    assert pair.input_ids.tolist() == [101, 1996, 4937, 2938, 1012, 102, 2009, 2001, 1000, 2986, 1000, 1012, 102]
+    assert pair.token_type_ids.tolist() == [0] * 6 + [1] * 7
+    # The caller's tokenizer keeps its settings: no truncation.
+    assert tokenizer.truncation is None
+
+
+def test_encode_ignores_the_tokenizers_own_padding_and_truncation():
+    raw = Tokenizer.from_file(str(assets.minilm_dir() / "tokenizer.json"))  # pads and truncates to 128 by itself
+    examples = [Example("The cat sat.", None, 1.0), Example(" ".join(["cat"] * 300), None, 2.0)]
+    short, long = encode_examples(raw, examples, max_length=256, task_type="regression")
+    assert len(short) == 6 and len(long) == 256
+    assert raw.padding is not None and raw.truncation["max_length"] == 128  # the caller's copy is untouched
+
+
+def test_truncation_longest_first(tokenizer):
+    cats = " ".join(["cat"] * 20)
+    (pair,) = encode_examples(tokenizer, [Example(cats, "dog dog", 2.0)], max_length=10, task_type="regression")
+    # 7 places besides [CLS] [SEP] [SEP]; longest first cuts A (20 pieces) to 5 and keeps B's 2.
+    assert pair.input_ids.tolist() == [101] + [4937] * 5 + [102] + [3899, 3899] + [102]
+    assert pair.token_type_ids.tolist() == [0] * 7 + [1] * 3 and pair.label == 2.0
+    (even,) = encode_examples(
+        tokenizer, [Example(cats[:23], "dog dog dog dog", 2.0)], max_length=9, task_type="regression"
+    )
+    # 6 places for 6 + 4 pieces: A is cut to 4, level with B, then one from each.
+    assert even.input_ids.tolist() == [101] + [4937] * 3 + [102] + [3899] * 3 + [102]
+    (single,) = encode_examples(tokenizer, [Example(cats, None, 0.5)], max_length=7, task_type="regression")
+    assert single.input_ids.tolist() == [101] + [4937] * 5 + [102]
+    with pytest.raises(ValueError, match="max_length=2 leaves no room"):
+        encode_examples(tokenizer, [Example("a", None, 0.5)], max_length=2, task_type="regression")
+
+
+def test_token_tags_on_first_pieces(tokenizer):
+    words = ["Johanson", "visited", "U.S.", "style", "."]
+    example = Example(words, None, ["B-PER", "O", "B-LOC", "O", "O"])
+    vocab = LabelVocab.from_examples([example], "token-classification")  # B-LOC 0, B-PER 1, O 2
+    (features,) = encode_examples(
+        tokenizer, [example], max_length=64, task_type="token-classification", label_vocab=vocab
+    )
+    tokens = [tokenizer.id_to_token(i) for i in features.input_ids]
+    assert tokens == ["[CLS]", "johan", "##son", "visited", "u", ".", "s", ".", "style", ".", "[SEP]"]
+    assert features.label.tolist() == [-100, 1, -100, 2, 0, -100, -100, -100, 2, 2, -100]
+    assert features.word_ids.tolist() == [-1, 0, -1, 1, 2, -1, -1, -1, 3, 4, -1]
+
+
+def test_token_truncation_drops_words_with_a_warning(tokenizer, caplog):
+    example = Example(["Johanson", "visited", "Paris", "today"], None, ["B-PER", "O", "B-LOC", "O"])
+    vocab = LabelVocab(["B-LOC", "B-PER", "O"])
+    with caplog.at_level(logging.WARNING, logger="minibert.data"):
+        (features,) = encode_examples(
+            tokenizer,
+            [example],
+            max_length=5,
+            task_type="token-classification",
+            label_vocab=vocab,
+            source="train.conll",
+        )
+    # [CLS] johan ##son visited [SEP]: "Paris" and "today" are cut off.
+    assert features.label.tolist() == [-100, 1, -100, 2, -100]
+    assert "1 of 1 sentences in train.conll are longer than max_length=5" in caplog.text
+    assert "last 2 words" in caplog.text
+
+
+def test_unlabelled_token_features_keep_word_ids(tokenizer):
+    (features,) = encode_examples(
+        tokenizer, [Example(["Johanson", "."])], max_length=16, task_type="token-classification"
+    )
+    assert features.label is None and features.word_ids.tolist() == [-1, 0, -1, 1, -1]
+
+
+def test_encode_multilabel_and_unseen_label(tokenizer):
+    vocab = LabelVocab(["action", "comedy", "drama"])
+    examples = [Example("a", None, ["drama", "action"]), Example("b", None, [])]
+    features = encode_examples(tokenizer, examples, max_length=8, task_type="multilabel", label_vocab=vocab)
+    assert [f.label.tolist() for f in features] == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    with pytest.raises(DataError, match=r"dev.jsonl has labels the training data does not: 'horror'"):
+        encode_examples(
+            tokenizer,
+            [Example("c", None, ["horror"])],
+            max_length=8,
+            task_type="multilabel",
+            label_vocab=vocab,
+            source="dev.jsonl",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching
+
+
+def spread(batches, lengths):
+    return np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+
+
+def test_train_batches_group_by_length_and_cover_every_example():
+    lengths = np.random.default_rng(0).integers(5, 200, size=1003)
+    batches = train_batches(lengths, 8, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(1003))
+    assert [len(b) for b in batches].count(8) == 125 and min(len(b) for b in batches) == 3
+    # Sorted within chunks of 400, a batch spans about 195 * 8 / 400 = 4 lengths; shuffled, about 150.
+    assert spread(batches, lengths) < 8
+    assert spread([list(range(i, i + 8)) for i in range(0, 1000, 8)], lengths) > 100
+    # Batches come in shuffled order, not longest first.
+    assert abs(np.corrcoef(np.arange(len(batches)), [lengths[b].mean() for b in batches])[0, 1]) < 0.3
+
+
+def test_train_batches_depend_only_on_seed_and_epoch():
+    lengths = np.random.default_rng(0).integers(5, 200, size=500)
+    first = train_batches(lengths, 8, seed=1, epoch=3)
+    assert train_batches(list(lengths), 8, seed=1, epoch=3) == first
+    assert train_batches(lengths, 8, seed=1, epoch=4) != first
+    assert train_batches(lengths, 8, seed=2, epoch=3) != first
+    assert train_batches(lengths, 8, seed=1, epoch=3, skip=20) == first[20:]
+
+
+def test_train_batches_ddp_ranks_disjoint_covering_and_in_step():
+    lengths = np.random.default_rng(0).integers(5, 200, size=1000)
+    per_rank = [train_batches(lengths, 8, seed=0, epoch=1, rank=r, world_size=3) for r in range(3)]
+    assert len({len(batches) for batches in per_rank}) == 1  # same number of steps on every rank
+    everything = [i for batches in per_rank for b in batches for i in b]
+    assert sorted(everything) == list(range(1000))
+    # At each step the ranks hold examples of similar length, so none waits long for the others.
+    for step in zip(*per_rank):
+        assert np.ptp([lengths[b].mean() for b in step]) < 20
+    skipped = [train_batches(lengths, 8, seed=0, epoch=1, rank=r, world_size=3, skip=7) for r in range(3)]
+    assert skipped == [batches[7:] for batches in per_rank]
+
+
+def test_train_batches_small_last_step_joins_the_one_before():
+    lengths = np.arange(98)  # 3 steps of 4 ranks x 8, then 2 examples: too few for 4 ranks
+    per_rank = [train_batches(lengths, 8, seed=0, epoch=0, rank=r, world_size=4) for r in range(4)]
+    assert [len(batches) for batches in per_rank] == [3, 3, 3, 3]
+    assert sorted(len(b) for batches in per_rank for b in batches) == [8] * 10 + [9] * 2
+    assert sorted(i for batches in per_rank for b in batches for i in b) == list(range(98))
+    with pytest.raises(DataError, match="3 training examples cannot be shared among 4"):
+        train_batches([1, 2, 3], 8, seed=0, epoch=0, world_size=4)
+
+
+def test_eval_batches_sorted_and_restored_to_original_order():
+    lengths = [3, 9, 1, 7, 5]
+    batches = eval_batches(lengths, 2)
+    assert batches == [[1, 3], [4, 0], [2]]
+    outputs = [[lengths[i] * 10 for i in b] for b in batches]  # what a model would return per batch
+    assert in_original_order(batches, outputs) == [30, 90, 10, 70, 50]
+    assert eval_batches(lengths, 2, rank=1, world_size=2) == [[4, 0]]
+
+
+def test_collate_pads_to_the_longest():
+    features = [
+        Features(np.array([101, 7, 102], np.int32), np.array([0, 0, 0], np.int8), 1),
+        Features(np.array([101, 7, 102, 8, 102], np.int32), np.array([0, 0, 0, 1, 1], np.int8), 0),
+    ]
+    batch = collate(features, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[101, 7, 102, 0, 0], [101, 7, 102, 8, 102]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 1, 1]]
+    assert batch["labels"].tolist() == [1, 0]
+    assert all(batch[k].dtype == torch.long for k in batch)
+
+
+def test_collate_labels_of_each_task():
+    ids, types = np.array([101, 102], np.int32), np.zeros(2, np.int8)
+    regression = collate([Features(ids, types, 0.5), Features(ids, types, -2.0)], 0)["labels"]
+    assert regression.dtype == torch.float32 and regression.tolist() == [0.5, -2.0]
+    hot = collate([Features(ids, types, np.array([1, 0, 1], np.float32))] * 2, 0)["labels"]
+    assert hot.dtype == torch.float32 and hot.shape == (2, 3)
+    tags = collate(
+        [
+            Features(ids, types, np.array([-100, -100])),
+            Features(np.array([101, 5, 102]), np.zeros(3), np.array([-100, 4, -100])),
+        ],
+        0,
+    )["labels"]
+    assert tags.dtype == torch.long and tags.tolist() == [[-100, -100, IGNORE_INDEX], [-100, 4, -100]]
+    assert "labels" not in collate([Features(ids, types, None)], 0)
+
+
+def test_encode_then_collate_round_trip(tokenizer):
+    vocab = LabelVocab(["negative", "positive"])
+    examples = [Example("a fine film", None, "positive"), Example("dull", None, "negative")]
+    features = encode_examples(tokenizer, examples, max_length=16, task_type="classification", label_vocab=vocab)
+    batch = collate(features, pad_token_id=tokenizer.token_to_id("[PAD]"))
+    assert batch["input_ids"].shape == (2, 5) and batch["attention_mask"].sum().item() == 5 + 3
+    assert batch["labels"].tolist() == [1, 0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built-in tasks
+
+
+def test_movie_reviews_split_is_fixed():
+    train, validation, test = movie_reviews("classification")
+    assert (len(train), len(validation), len(test)) == (8391, 1105, 1072)  # 10,605 less the 37 rated 0
+    assert {ex.label for ex in train} == {"negative", "positive"}
+    assert sum(ex.label == "positive" for ex in train) == 4157
+    assert train[0] == Example(
+        "The Rock is destined to be the 21st Century's new ''Conan'' and that he's going to make a splash even "
+        "greater than Arnold Schwarzenegger, Jean Claud Van Damme or Steven Segal.",
+        None,
+        "positive",
+    )
+    assert len({ex.text for ex in train} & {ex.text for ex in validation + test}) < 10  # a few repeated sentences
+    assert movie_reviews("classification")[1] == validation
+    train_r, validation_r, test_r = movie_reviews("regression")
+    assert (len(train_r), len(validation_r), len(test_r)) == (8415, 1112, 1078)
+    assert sum(ex.label == 0 for ex in train_r + validation_r + test_r) == 37
+    assert train_r[0].label == 2.26666666667
+    # The same sentences in each split, whatever the task: classification only drops the zeros.
+    assert [ex.text for ex in validation_r if ex.label != 0] == [ex.text for ex in validation]
+
+
+def tsv(*rows):
+    return "".join("\t".join(row) + "\n" for row in rows)
+
+
+# The header rows of the real GLUE files; two data rows each, with the quotes GLUE's texts hold.
+STSB = ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2")
+MNLI = tuple(
+    "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse sentence2_parse "
+    "sentence1 sentence2".split()
+)
+GLUE_FILES = {  # task: (train and dev file, test file)
+    "cola": (
+        tsv(("gj04", "1", "", "Our friends won't buy this analysis, let alone the next one we propose."),
+            ("gj04", "0", "*", 'One more pseudo generalization and I\'m giving up "')),  # no header
+        tsv(("index", "sentence"), ("0", "Bill whistled past the house.")),
+    ),
+    "sst2": (
+        tsv(("sentence", "label"), ('it \'s a "charming film ', "1"), ("unflinchingly bleak ", "0")),
+        tsv(("index", "sentence"), ("0", "uneasy mishmash")),
+    ),
+    "mrpc": (
+        tsv(("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"),
+            ("1", "702876", "702977", "Amrozi accused his brother .", "Referring to him ."),
+            ("0", "2108705", "2108831", "Yucaipa owned Dominick 's .", "Yucaipa bought Dominick 's .")),
+        tsv(("index", "#1 ID", "#2 ID", "#1 String", "#2 String"),
+            ("0", "1089874", "1089925", "PCCW 's chief .", "Current Chief .")),
+    ),
+    "qqp": (
+        tsv(("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
+            ("133273", "213221", "213222", "How is life?", "What is life?", "0"),
+            ("402555", "536040", "536041", 'How do I "control" anger?', "How to control anger?", "1")),
+        tsv(("id", "question1", "question2"), ("0", "Why?", "How?")),
+    ),
+    "stsb": (
+        tsv(STSB + ("score",),
+            ("0", "main-captions", "MSRvid", "2012test", "0001", "none", "none", "A plane is taking off.",
+             "An air plane is taking off.", "5.000"),
+            ("1", "main-captions", "MSRvid", "2012test", "0004", "none", "none", "A man plays a flute.",
+             "A man plays a big flute.", "3.800")),
+        tsv(STSB, ("0", "main-captions", "MSRvid", "2012test", "0024", "none", "none", "A girl styles her hair.",
+                   "A girl brushes her hair.")),
+    ),
+    "mnli": (
+        tsv(MNLI + ("label1", "gold_label"),
+            ("0", "31193", "31193n", "government", "( ( a ) )", "( b )", "(ROOT a)", "(ROOT b)",
+             "Conceptually cream skimming .", "Product and geography .", "neutral", "neutral"),
+            ("1", "101457", "101457e", "telephone", "( c )", "( d )", "(ROOT c)", "(ROOT d)", 'you know "during',
+             "You lose .", "entailment", "entailment")),
+        tsv(MNLI, ("0", "31193", "31193n", "government", "( a )", "( b )", "(ROOT a)", "(ROOT b)", "Hi .", "Bye .")),
+    ),
+    "qnli": (
+        tsv(("index", "question", "sentence", "label"), ("0", "When?", "In 1990.", "entailment"),
+            ("1", "Who?", 'Nobody "knows.', "not_entailment")),
+        tsv(("index", "question", "sentence"), ("0", "What?", "This.")),
+    ),
+    "rte": (
+        tsv(("index", "sentence1", "sentence2", "label"),
+            ("0", "No weapons found.", "Weapons found.", "not_entailment"), ("1", "A b.", "A.", "entailment")),
+        tsv(("index", "sentence1", "sentence2"), ("0", "Maude died.", "Maude is dead.")),
+    ),
+    "wnli": (
+        tsv(("index", "sentence1", "sentence2", "label"), ("0", "I stuck a pin.", "The pin had a hole.", "0"),
+            ("1", "John hit Bill.", "John hit.", "1")),
+        tsv(("index", "sentence1", "sentence2"), ("0", "Maude died.", "She is dead.")),
+    ),
+}  # fmt: skip
+GLUE_FIRST_TWO = {  # (text, text_pair, label) of the two training rows above, read by hand
+    "cola": [("Our friends won't buy this analysis, let alone the next one we propose.", None, "1"),
+             ('One more pseudo generalization and I\'m giving up "', None, "0")],
+    "sst2": [('it \'s a "charming film ', None, "1"), ("unflinchingly bleak ", None, "0")],
+    "mrpc": [("Amrozi accused his brother .", "Referring to him .", "1"),
+             ("Yucaipa owned Dominick 's .", "Yucaipa bought Dominick 's .", "0")],
+    "qqp": [("How is life?", "What is life?", "0"), ('How do I "control" anger?', "How to control anger?", "1")],
+    "stsb": [("A plane is taking off.", "An air plane is taking off.", 5.0),
+             ("A man plays a flute.", "A man plays a big flute.", 3.8)],
+    "mnli": [("Conceptually cream skimming .", "Product and geography .", "neutral"),
+             ('you know "during', "You lose .", "entailment")],
+    "qnli": [("When?", "In 1990.", "entailment"), ("Who?", 'Nobody "knows.', "not_entailment")],
+    "rte": [("No weapons found.", "Weapons found.", "not_entailment"), ("A b.", "A.", "entailment")],
+    "wnli": [("I stuck a pin.", "The pin had a hole.", "0"), ("John hit Bill.", "John hit.", "1")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", sorted(GLUE_FILES))
+def test_load_glue_reads_the_real_layouts(tmp_path, task):
+    spec = GLUE_TASKS[task]
+    labelled, test_text = GLUE_FILES[task]
+    for name in (spec.train_file, spec.validation_file):
+        write(tmp_path / "glue_data" / spec.directory, name, labelled)
+    write(tmp_path / "glue_data" / spec.directory, spec.test_file, test_text)
+    train, validation, test, loaded_spec = load_glue(task, tmp_path / "glue_data")  # the folder above works too
+    assert loaded_spec == spec
+    assert [(ex.text, ex.text_pair, ex.label) for ex in train] == GLUE_FIRST_TWO[task]
+    assert validation == train
+    assert len(test) == 1 and test[0].label is None and test[0].text
+    if spec.labels is not None:
+        assert {ex.label for ex in train} <= set(spec.labels)
+        every_label = [Example("x", None, label) for label in reversed(spec.labels)]
+        assert LabelVocab.from_examples(every_label, spec.task_type).labels == list(spec.labels)  # sorted = HF's order
+
+
+def test_glue_specs():
+    assert GLUE_TASKS["cola"].main_metric == "mcc"
+    assert GLUE_TASKS["stsb"].task_type == "regression" and GLUE_TASKS["stsb"].metrics == ("pearson", "spearman")
+    assert GLUE_TASKS["mrpc"].metrics == ("accuracy", "f1") and GLUE_TASKS["qqp"].main_metric == "f1"
+    assert (
+        GLUE_TASKS["mnli"].validation_file == "dev_matched.tsv"
+        and GLUE_TASKS["mnli-mm"].test_file == "test_mismatched.tsv"
+    )
+    assert all(spec.main_metric in spec.metrics for spec in GLUE_TASKS.values())
+
+
+def test_load_glue_errors(tmp_path):
+    with pytest.raises(DataError, match="unknown GLUE task 'sst5'"):
+        load_glue("sst5", tmp_path)
+    write(tmp_path, "train.tsv", "sentence\tlabel\na\t1\n")
+    with pytest.raises(DataError, match=r"GLUE sst2 needs train.tsv and dev.tsv .*dev.tsv is missing"):
+        load_glue("sst2", tmp_path)
+    write(tmp_path, "dev.tsv", "sentence\tlabel\nb\t0\n")
+    assert load_glue("sst2", tmp_path)[2] is None  # no test file

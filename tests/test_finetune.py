@@ -1,0 +1,230 @@
+"""train_finetune.py as a user runs it: every data format and task type, labels, freezing, resume, bad input.
+
+All runs use a tiny random BERT with the real uncased vocabulary (conftest.tiny_init_dir) and a few steps.
+"""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import train_finetune
+from minibert.data import DataError
+
+POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny"]
+NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny"]
+
+
+def write_csv(path, rows, header=("text", "label")):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def sentiment_rows(n=24):
+    rows = []
+    for i in range(n):
+        rows.append((POSITIVE[i % 4], "pos") if i % 2 == 0 else (NEGATIVE[i % 4], "neg"))
+    return rows
+
+
+def run(tiny_init_dir, tmp_path, *args, **kwargs):
+    argv = ["--init", str(tiny_init_dir), "--output-dir", str(tmp_path / "out"), "--batch-size", "4",
+            "--lr", "1e-3", "--no-progress", "--seed", "0", *map(str, args)]
+    return train_finetune.main(argv, **kwargs)
+
+
+# ----------------------------------------------------------------------------- formats and task types
+
+
+def test_csv_classification_end_to_end(tiny_init_dir, tmp_path):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
+    dev = write_csv(tmp_path / "dev.csv", sentiment_rows(8))
+    test = write_csv(tmp_path / "test.csv", sentiment_rows(6))
+    results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", dev, "--test-file", test,
+                  "--epochs", 2)
+    out = tmp_path / "out"
+    assert set(results["eval"]) >= {"accuracy", "f1", "mcc"} and set(results["test"]) == {"accuracy", "f1", "mcc"}
+    assert json.loads((out / "test_results.json").read_text()) == results["test"]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and predictions[0]["text"] == POSITIVE[0]
+    assert predictions[0]["label"] in ("neg", "pos")
+    assert sum(predictions[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [6, 12]  # 24 examples / batch 4 = 6 steps an epoch
+    assert (out / "finetune_config.json").is_file() and not (out / "checkpoint").exists()
+    # The output directory is a model transformers loads, with the label names, giving the same predictions.
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        probs = hf(**tok(POSITIVE[0], return_tensors="pt")).logits.softmax(-1)[0]
+    assert probs[1].item() == pytest.approx(predictions[0]["probabilities"]["pos"], abs=1e-4)
+
+
+def test_tsv_pairs_with_integer_labels(tiny_init_dir, tmp_path):
+    rows = [(a, b, int(i % 3 == 0)) for i, (a, b) in enumerate(zip(POSITIVE * 3, NEGATIVE * 3))]
+    header = ("premise", "hypothesis", "gold")
+    for name in ("train", "dev"):
+        (tmp_path / f"{name}.tsv").write_text("\t".join(header) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
+    results = run(tiny_init_dir, tmp_path, "--train-file", tmp_path / "train.tsv", "--validation-file",
+                  tmp_path / "dev.tsv", "--text-column", "premise", "--text-pair-column", "hypothesis",
+                  "--label-column", "gold", "--max-steps", 2)
+    assert "accuracy" in results["eval"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"} and config["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_jsonl_regression(tiny_init_dir, tmp_path):
+    records = [{"text": t, "score": float(i % 5) / 2} for i, t in enumerate(POSITIVE + NEGATIVE)]
+    train = write_jsonl(tmp_path / "train.jsonl", records * 2)
+    dev = write_jsonl(tmp_path / "dev.jsonl", records)
+    results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", dev, "--test-file", dev,
+                  "--task-type", "regression", "--label-column", "score", "--max-steps", 3)
+    assert set(results["eval"]) >= {"pearson", "spearman", "mse"}
+    first = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
+    assert isinstance(first["prediction"], float)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+
+
+def test_multilabel(tiny_init_dir, tmp_path):
+    records = [{"text": t, "label": labels} for t, labels in
+               zip(POSITIVE + NEGATIVE, [["acting"], ["acting", "story"], [], ["humor"]] * 2)]
+    train = write_jsonl(tmp_path / "train.jsonl", records * 2)
+    results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--test-file", train,
+                  "--task-type", "multilabel", "--max-steps", 2)
+    assert set(results["eval"]) >= {"f1_micro", "f1_macro", "accuracy"}
+    first = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
+    assert set(first["probabilities"]) == {"acting", "humor", "story"}
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert hf.config.problem_type == "multi_label_classification"
+
+
+@pytest.mark.parametrize("fmt", ["conll", "jsonl"])
+def test_token_classification(tiny_init_dir, tmp_path, fmt):
+    sentences = [(["John", "Smithson", "lives", "in", "Pittsburgh"], ["B-PER", "I-PER", "O", "O", "B-LOC"]),
+                 (["Acme", "Corporation", "hired", "Mary"], ["B-ORG", "I-ORG", "O", "B-PER"])] * 4
+    if fmt == "conll":
+        text = "\n\n".join("\n".join(f"{w} X {t}" for w, t in zip(ws, ts)) for ws, ts in sentences) + "\n"
+        (tmp_path / "train.conll").write_text(text)
+        train = tmp_path / "train.conll"
+    else:
+        train = write_jsonl(tmp_path / "train.jsonl", [{"tokens": ws, "tags": ts} for ws, ts in sentences])
+    results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--test-file", train,
+                  "--task-type", "token-classification", "--max-steps", 2)
+    assert set(results["eval"]) >= {"precision", "recall", "f1", "accuracy"}
+    first = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
+    assert first["tokens"] == sentences[0][0] and len(first["tags"]) == 5
+    hf, info = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and len(hf.config.id2label) == 6  # B-/I- PER, ORG, LOC... and O
+
+
+def test_glue_task_directory(tiny_init_dir, tmp_path):
+    glue = tmp_path / "glue_data" / "RTE"
+    glue.mkdir(parents=True)
+    rows = "".join(f"{i}\t{a}\t{b}\t{'entailment' if i % 2 else 'not_entailment'}\n"
+                   for i, (a, b) in enumerate(zip(POSITIVE * 2, NEGATIVE * 2)))
+    for name in ("train.tsv", "dev.tsv"):
+        (glue / name).write_text("index\tsentence1\tsentence2\tlabel\n" + rows)
+    results = run(tiny_init_dir, tmp_path, "--task", "rte", "--data-dir", tmp_path / "glue_data", "--max-steps", 2)
+    assert set(results["eval"]) == {"accuracy", "step", "epoch"}
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
+
+
+# ----------------------------------------------------------------------------- labels, freezing, resume
+
+
+def test_init_from_own_classifier_keeps_labels_and_other_labels_need_reinit(tiny_init_dir, tmp_path):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(8))
+    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 1)
+    first = tmp_path / "out"
+    again = run(first, tmp_path / "second", "--train-file", train, "--validation-file", train, "--max-steps", 1)
+    assert again["eval"]["accuracy"] >= 0
+    other = write_csv(tmp_path / "other.csv", [(t, lab) for t, lab in zip(POSITIVE * 2, ["a", "b", "c", "d"] * 2)])
+    with pytest.raises(DataError, match=r"is a classifier for labels \['neg', 'pos'\].*--reinit-head"):
+        run(first, tmp_path / "third", "--train-file", other, "--validation-file", other, "--max-steps", 1)
+    run(first, tmp_path / "fourth", "--train-file", other, "--validation-file", other, "--max-steps", 1, "--reinit-head")
+    assert len(json.loads((tmp_path / "fourth" / "out" / "config.json").read_text())["id2label"]) == 4
+
+
+def test_freezing(tiny_init_dir, tmp_path):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(16))
+    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 3,
+        "--freeze-embeddings", "--freeze-layers", 1)
+    before, after = load_file(tiny_init_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for key in after:
+        if key.startswith(("bert.embeddings.", "bert.encoder.layer.0.")):
+            assert torch.equal(after[key], before[key[len("bert."):]]), key
+    assert not torch.equal(after["bert.encoder.layer.1.output.dense.weight"], before["encoder.layer.1.output.dense.weight"])
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tiny_init_dir, tmp_path):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
+    args = ["--train-file", train, "--validation-file", train, "--max-steps", 6, "--eval-steps", 2, "--dropout", 0.1]
+    run(tiny_init_dir, tmp_path / "a", *args)
+    stopped = run(tiny_init_dir, tmp_path / "b", *args, _stop_after_steps=5)  # killed after step 5
+    assert stopped == {"stopped_at": 5}
+    assert (tmp_path / "b" / "out" / "checkpoint" / "training_state.pt").is_file()  # saved at step 4
+    run(tiny_init_dir, tmp_path / "b", *args, "--resume")
+    a, b = (load_file(tmp_path / d / "out" / "model.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "out" / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                        if json.loads(line)["split"] == "train"]
+    assert losses("a") == losses("b")[:4] + losses("b")[5:]  # b logged step 5 twice: before the kill and after
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_file", "--train-file: no such file"),
+    ("missing_column", r"has no column 'review' \(columns: 'text', 'label'\)"),
+    ("empty", "has no examples"),
+    ("unseen_label", r"has labels the training data does not: 'meh'"),
+    ("not_utf8", "not UTF-8"),
+    ("too_long", "--max-length 100 exceeds the 64 positions"),
+])
+def test_bad_input_fails_before_training_with_one_clear_line(tiny_init_dir, tmp_path, case, message):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(8))
+    dev = write_csv(tmp_path / "dev.csv", sentiment_rows(4))
+    extra = []
+    if case == "missing_file":
+        train = tmp_path / "nope.csv"
+    elif case == "missing_column":
+        extra = ["--text-column", "review"]
+    elif case == "empty":
+        dev = write_csv(tmp_path / "dev.csv", [])
+    elif case == "unseen_label":
+        dev = write_csv(tmp_path / "dev.csv", sentiment_rows(4) + [("so so", "meh")])
+    elif case == "not_utf8":
+        dev.write_bytes("text,label\ncaf\xe9 ok,pos\n".encode("latin-1"))
+    elif case == "too_long":
+        extra = ["--max-length", 100]
+    with pytest.raises((DataError, ValueError, FileNotFoundError), match=message) as err:
+        run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", dev, "--max-steps", 1, *extra)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_cli_prints_one_line_error(tiny_init_dir, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "train_finetune.py", "--init", str(tiny_init_dir), "--train-file",
+                             str(tmp_path / "missing.csv"), "--validation-file", str(tmp_path / "missing.csv")],
+                            capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --train-file: no such file")

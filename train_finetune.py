@@ -1,0 +1,436 @@
+"""Fine-tune a pretrained BERT on labelled text: classification, regression, multi-label, or token tags.
+
+    # The built-in task, offline: movie-review sentence polarity from the pretrained MiniLM (~12 min on 2 CPU cores)
+    python train_finetune.py
+    # A quick check that everything works (about a minute on a laptop CPU)
+    python train_finetune.py --max-steps 30 --eval-steps 30 --output-dir runs/quick
+    # Your own data: CSV, TSV or JSON Lines, single texts or pairs, string or integer labels
+    python train_finetune.py --init bert-base-uncased --train-file train.csv --validation-file dev.csv \
+        --test-file test.csv --text-column review --label-column stars
+    python train_finetune.py --init bert-base-uncased --train-file train.jsonl --validation-file dev.jsonl \
+        --text-pair-column hypothesis --task-type classification
+    # Regression, multi-label, named entities (CoNLL files or JSON Lines with "tokens" and "tags")
+    python train_finetune.py --task-type regression --train-file train.tsv --validation-file dev.tsv --label-column score
+    python train_finetune.py --task-type token-classification --train-file train.conll --validation-file dev.conll
+    # GLUE, from the GLUE download's folders
+    python train_finetune.py --init bert-base-uncased --task mrpc --data-dir glue_data/MRPC
+    # Several GPUs: the same command under torchrun
+    torchrun --nproc_per_node 8 train_finetune.py --init bert-base-uncased --task mnli --data-dir glue_data --precision bf16
+    # A killed run continues exactly where it stopped
+    python train_finetune.py --output-dir runs/x ... --resume
+
+Writes to --output-dir: the best model as an HF directory (config.json with id2label, model.safetensors,
+tokenizer files) that `--init DIR`, minibert and transformers' AutoModelFor... load; eval_results.json
+and test_results.json; predictions.jsonl for the test set; metrics.jsonl; training_curves.png;
+finetune_config.json (the resolved settings); checkpoint/ while the run is in progress (for --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minibert import data as D
+from minibert.assets import MINILM_HUB_ID
+from minibert.checkpoint import resolve_model_dir
+from minibert.config import BertConfig
+from minibert.metrics import MAIN_METRIC, compute_metrics, greater_is_better
+from minibert.model import BertForSequenceClassification, BertForTokenClassification
+from minibert.tokenizer import load_tokenizer
+from minibert.training import (
+    Distributed,
+    Throughput,
+    Trainer,
+    TrainingSettings,
+    TrainState,
+    plot_curves,
+    seed_everything,
+    setup_distributed,
+)
+
+logger = logging.getLogger("minibert")
+
+
+@dataclass
+class FinetuneConfig:
+    # --- model ---
+    init: str = MINILM_HUB_ID  # hub id, HF directory, or a directory minibert wrote (train_pretrain.py's too)
+    reinit_head: bool = False  # train a new head when --init is a classifier for other labels
+    attn_impl: str | None = None  # eager | sdpa | triton; None keeps the checkpoint's (sdpa by default)
+    dropout: float | None = None  # overrides hidden and attention dropout; None keeps the checkpoint's (0.1)
+    # --- data: files, a GLUE task, or nothing for the built-in movie-review task ---
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    task: str | None = None  # a GLUE task (sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli) with --data-dir
+    data_dir: str | None = None
+    text_column: str | None = None  # default "text" ("tokens" for token classification)
+    text_pair_column: str | None = None  # the second text of sentence-pair tasks
+    label_column: str | None = None  # default "label" ("tags" for token classification)
+    task_type: str | None = None  # classification | regression | multilabel | token-classification
+    max_length: int | None = None  # tokens per example with [CLS]/[SEP]; longer ones are truncated. None: 128, or fewer if the model has fewer positions
+    # --- optimisation (BERT's recipe) ---
+    epochs: int = 3
+    max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
+    batch_size: int = 32  # per process; the global batch is batch_size * grad_accum * processes
+    eval_batch_size: int = 128
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    layer_lr_decay: float = 1.0  # < 1 gives lower layers smaller learning rates
+    freeze_embeddings: bool = False
+    freeze_layers: int = 0  # freeze the bottom N encoder layers
+    seed: int = 42
+    # --- running ---
+    output_dir: str = "runs/finetune"
+    eval_steps: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
+    early_stopping: int = 0  # stop after N evaluations without improvement; 0 = never
+    precision: str = "auto"  # fp32 | bf16 | fp16; auto = bf16 on a GPU that supports it, fp32 on CPU
+    compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
+    device: str | None = None  # cuda | cpu; default: the GPU if there is one
+    resume: bool = False  # continue the run in --output-dir from its last checkpoint
+    progress: bool = True  # show the progress bar
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
+            parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper())
+    return FinetuneConfig(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class TaskData:
+    task_type: str
+    train: list
+    validation: list
+    test: list | None
+    name: str
+    metric_names: tuple[str, ...] | None = None  # None: every metric of the task type
+    main_metric: str | None = None
+    label_order: tuple[str, ...] | None = None  # fixed label ids (GLUE's), else sorted training labels
+
+
+def load_task_data(cfg: FinetuneConfig) -> TaskData:
+    files = cfg.train_file or cfg.validation_file or cfg.test_file
+    if cfg.task and files:
+        raise D.DataError("give either --task (GLUE) or --train-file/--validation-file, not both")
+    if cfg.task and cfg.task.lower() in ("movie-reviews", "movie_reviews"):
+        cfg.task = None  # the built-in default, named explicitly
+    if cfg.task:
+        if not cfg.data_dir:
+            raise D.DataError(f"--task {cfg.task} needs --data-dir, the folder of the GLUE download holding its TSV files")
+        train, validation, test, spec = D.load_glue(cfg.task, cfg.data_dir)
+        return TaskData(spec.task_type, train, validation, test, f"glue-{cfg.task.lower()}", spec.metrics,
+                        spec.main_metric, spec.labels)
+    if files:
+        if not (cfg.train_file and cfg.validation_file):
+            raise D.DataError("give both --train-file and --validation-file (and optionally --test-file)")
+        task_type = cfg.task_type or "classification"
+        columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
+        train = D.load_examples(cfg.train_file, task_type=task_type, flag="--train-file", **columns)
+        validation = D.load_examples(cfg.validation_file, task_type=task_type, flag="--validation-file", **columns)
+        test = None
+        if cfg.test_file:
+            test = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
+        return TaskData(task_type, train, validation, test, Path(cfg.train_file).stem)
+    task_type = cfg.task_type or "classification"
+    train, validation, test = D.movie_reviews(task_type)
+    return TaskData(task_type, train, validation, test, "movie-reviews")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+MODEL_CLASSES = {"token-classification": BertForTokenClassification}
+PROBLEM_TYPES = {"classification": "single_label_classification", "multilabel": "multi_label_classification",
+                 "regression": "regression", "token-classification": None}
+
+
+def choose_labels(cfg: FinetuneConfig, task: TaskData, init_config: BertConfig, init_is_classifier: bool):
+    """The label vocabulary, and whether the head must be new. A classifier --init keeps its own label
+    ids when the data's labels are the same set; other labels need --reinit-head."""
+    if task.task_type == "regression":
+        if init_is_classifier and init_config.num_labels != 1 and not cfg.reinit_head:
+            raise D.DataError(
+                f"--init {cfg.init} is a classifier with {init_config.num_labels} labels, but this is a regression "
+                "task: pass --reinit-head to train a new (one-output) head"
+            )
+        return None
+    if task.label_order is not None:
+        vocab = D.LabelVocab(task.label_order)
+    else:
+        vocab = D.LabelVocab.from_examples(task.train, task.task_type)
+    if init_is_classifier and not cfg.reinit_head:
+        theirs = [init_config.id2label[i] for i in range(len(init_config.id2label))] if init_config.id2label else []
+        if sorted(theirs) == sorted(vocab.labels):
+            return D.LabelVocab(theirs)  # same labels: continue with the checkpoint's ids
+        raise D.DataError(
+            f"--init {cfg.init} is a classifier for labels {theirs}, but the training data has labels {vocab.labels}: "
+            "pass --reinit-head to train a new head, or use data with the checkpoint's labels"
+        )
+    return vocab
+
+
+def build_model(cfg: FinetuneConfig, task: TaskData, vocab, init_dir: Path):
+    cls = MODEL_CLASSES.get(task.task_type, BertForSequenceClassification)
+    overrides = dict(
+        num_labels=1 if vocab is None else len(vocab),
+        id2label={0: "score"} if vocab is None else dict(enumerate(vocab.labels)),
+        problem_type=PROBLEM_TYPES[task.task_type],
+    )
+    if cfg.attn_impl:
+        overrides["attn_impl"] = cfg.attn_impl
+    if cfg.dropout is not None:
+        overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    model = cls.from_pretrained(str(init_dir), reinit_head=cfg.reinit_head, **overrides)
+    if cfg.freeze_embeddings:
+        model.bert.embeddings.requires_grad_(False)
+    if cfg.freeze_layers:
+        if cfg.freeze_layers > len(model.bert.layers):
+            raise ValueError(f"--freeze-layers {cfg.freeze_layers}: the model has only {len(model.bert.layers)} layers")
+        for layer in model.bert.layers[: cfg.freeze_layers]:
+            layer.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(model, features, batch_size: int, pad_token_id: int, device, autocast) -> list[np.ndarray]:
+    """Raw outputs per example, in example order: (L,) logits, or (T, L) per-token logits."""
+    model.eval()
+    batches = D.eval_batches([len(f) for f in features], batch_size)
+    outputs = []
+    for batch in batches:
+        inputs = D.collate([features[i] for i in batch], pad_token_id)
+        inputs.pop("labels", None)
+        with autocast():
+            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu().numpy()
+        outputs.append([logits[row, : len(features[i])] if logits.ndim == 3 else logits[row] for row, i in enumerate(batch)])
+    return D.in_original_order(batches, outputs)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def score(task: TaskData, outputs, features, vocab) -> dict[str, float]:
+    id2label = dict(enumerate(vocab.labels)) if vocab is not None else None
+    if task.task_type == "classification":
+        preds, refs = np.stack(outputs), np.array([f.label for f in features])
+    elif task.task_type == "regression":
+        preds, refs = np.stack(outputs)[:, 0], np.array([f.label for f in features])
+    elif task.task_type == "multilabel":
+        preds, refs = 1 / (1 + np.exp(-np.stack(outputs))), np.stack([f.label for f in features])
+    else:
+        preds = [o.argmax(-1)[f.label != D.IGNORE_INDEX] for o, f in zip(outputs, features)]
+        refs = [f.label[f.label != D.IGNORE_INDEX] for f in features]
+    return compute_metrics(task.task_type, preds, refs, id2label=id2label, metric_names=task.metric_names)
+
+
+def prediction_records(task: TaskData, examples, outputs, features, vocab) -> list[dict]:
+    records = []
+    for ex, out, feat in zip(examples, outputs, features):
+        record = {"text": ex.text} if ex.text_pair is None else {"text": ex.text, "text_pair": ex.text_pair}
+        if task.task_type == "classification":
+            probs = _softmax(out)
+            record.update(label=vocab.labels[int(probs.argmax())], probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
+        elif task.task_type == "regression":
+            record["prediction"] = float(out[0])
+        elif task.task_type == "multilabel":
+            probs = 1 / (1 + np.exp(-out))
+            record.update(labels=[l for l, p in zip(vocab.labels, probs) if p >= 0.5],
+                          probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
+        else:
+            first = feat.word_ids >= 0
+            tags = {int(w): vocab.labels[int(t)] for w, t in zip(feat.word_ids[first], out[first].argmax(-1))}
+            record = {"tokens": ex.text, "tags": [tags.get(i) for i in range(len(ex.text))]}  # None: cut by --max-length
+        if ex.label is not None:
+            record["gold"] = ex.label
+        records.append(record)
+    return records
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None) -> dict:
+    """Run fine-tuning; returns {"eval": metrics, "test": metrics or None, "output_dir": path}.
+    _stop_after_steps simulates a kill after that many steps (for the resume test)."""
+    cfg = parse_args(argv) if argv is None or isinstance(argv, list) else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dist = setup_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if dist.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+    # Everything that can be wrong with the input is checked here, before any training.
+    task = load_task_data(cfg)
+    init_dir = resolve_model_dir(cfg.init)
+    init_config = BertConfig.from_json_file(init_dir / "config.json")
+    if cfg.max_length is None:
+        cfg.max_length = min(128, init_config.max_position_embeddings)
+    if cfg.max_length > init_config.max_position_embeddings:
+        raise ValueError(
+            f"--max-length {cfg.max_length} exceeds the {init_config.max_position_embeddings} positions of --init "
+            f"{cfg.init}: use --max-length {init_config.max_position_embeddings} or less"
+        )
+    architectures = init_config.extra.get("architectures") or []
+    init_is_classifier = any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures)
+    vocab = choose_labels(cfg, task, init_config, init_is_classifier)
+    tokenizer = load_tokenizer(init_dir)
+    pad_id = tokenizer.token_to_id("[PAD]") if tokenizer.token_to_id("[PAD]") is not None else init_config.pad_token_id
+    encode = lambda examples, source: D.encode_examples(  # noqa: E731
+        tokenizer, examples, max_length=cfg.max_length, task_type=task.task_type, label_vocab=vocab, source=source)
+    train_features = encode(task.train, "the training data")
+    val_features = encode(task.validation, "the validation data")
+    test_features = encode(task.test, "the test data") if task.test else None
+    model = build_model(cfg, task, vocab, init_dir)
+
+    settings = TrainingSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                                grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                                layer_lr_decay=cfg.layer_lr_decay, precision=precision, compile=cfg.compile)
+    lengths = [len(f) for f in train_features]
+    batches_per_epoch = len(D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=0,
+                                            rank=dist.rank, world_size=dist.world_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    trainer = Trainer(model, settings, total_steps, out_dir, dist)
+    run_config = {**dataclasses.asdict(cfg), "precision": precision, "task_type": task.task_type, "task_name": task.name,
+                  "total_steps": total_steps, "world_size": dist.world_size, "init_dir": str(init_dir)}
+    state = trainer.resume() if cfg.resume else TrainState()
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(out_dir / "finetune_config.json", run_config)
+        if not cfg.resume:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        logger.info("minibert: %s, %s: %d train / %d validation / %s test examples, %d steps of %d x %d x %d",
+                    task.name, task.task_type, len(train_features), len(val_features),
+                    len(test_features) if test_features else 0, total_steps, cfg.batch_size, cfg.grad_accum, dist.world_size)
+
+    main_metric = task.main_metric or MAIN_METRIC[task.task_type]
+    better = greater_is_better(main_metric)
+
+    def evaluate_and_keep_best() -> bool:
+        """Score the validation set, save the model if it is the best so far; True to stop early."""
+        metrics = score(task, predict(model, val_features, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast),
+                        val_features, vocab) if dist.is_main else {}
+        if dist.is_main:
+            trainer.log_metrics({"split": "eval", "step": state.step, "epoch": state.epoch, **metrics})
+            value = metrics[main_metric]
+            if state.best_metric is None or (value > state.best_metric if better else value < state.best_metric):
+                state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+                model.save_pretrained(out_dir, tokenizer=tokenizer)
+                _write_json(out_dir / "eval_results.json", {**metrics, "step": state.step, "epoch": state.epoch})
+            else:
+                state.evals_without_improvement += 1
+            tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                       + f" (best {main_metric} {state.best_metric:.4f} at step {state.best_step})")
+        stop = [bool(cfg.early_stopping) and state.evals_without_improvement >= cfg.early_stopping]
+        if dist.enabled:
+            torch.distributed.broadcast_object_list(stop)
+        return stop[0]
+
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and cfg.progress), desc="fine-tuning",
+               dynamic_ncols=True)
+    speed = Throughput()
+    stopped_early = False
+    while state.step < total_steps and state.epoch < epochs and not stopped_early:
+        batches = D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=state.epoch, rank=dist.rank,
+                                  world_size=dist.world_size, skip=state.batch_in_epoch)
+        for start in range(0, len(batches), cfg.grad_accum):
+            group = batches[start : start + cfg.grad_accum]
+            micro = [D.collate([train_features[i] for i in batch], pad_id) for batch in group]
+            result = trainer.step(micro)
+            state.step += 1
+            state.batch_in_epoch += len(group)
+            n = sum(len(b) for b in group) * dist.world_size
+            state.examples_seen += n
+            bar.update(1)
+            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", ex_s=f"{speed.update(n):.0f}")
+            trainer.log_metrics({"split": "train", "step": state.step, "epoch": state.epoch, "loss": result["loss"],
+                                 "lr": result["lr"], "grad_norm": result["grad_norm"]})
+            epoch_done = start + cfg.grad_accum >= len(batches)  # `batches` holds what is left of this epoch
+            if epoch_done:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            evaluate_now = (cfg.eval_steps and state.step % cfg.eval_steps == 0) or (not cfg.eval_steps and epoch_done)
+            if evaluate_now or state.step == total_steps:
+                stopped_early = evaluate_and_keep_best()
+                if state.step < total_steps:
+                    trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
+            if _stop_after_steps is not None and state.step >= _stop_after_steps:
+                bar.close()
+                return {"stopped_at": state.step}
+            if state.step >= total_steps or stopped_early:
+                break
+    bar.close()
+
+    results = {"eval": None, "test": None, "output_dir": str(out_dir)}
+    if dist.is_main:
+        if state.best_step is None:  # a resumed run that had nothing left to do
+            model.save_pretrained(out_dir, tokenizer=tokenizer)
+        best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
+        results["eval"] = json.loads((out_dir / "eval_results.json").read_text()) if (out_dir / "eval_results.json").exists() else None
+        if test_features:
+            outputs = predict(best, test_features, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)
+            records = prediction_records(task, task.test, outputs, test_features, vocab)
+            tmp = out_dir / ".predictions.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            tmp.replace(out_dir / "predictions.jsonl")
+            if test_features[0].label is not None:
+                results["test"] = score(task, outputs, test_features, vocab)
+                _write_json(out_dir / "test_results.json", results["test"])
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", (main_metric,))
+        # The run is complete: the resumable state is no longer needed.
+        shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+        logger.info("minibert: best %s %.4f (step %s); model in %s", main_metric, state.best_metric or float("nan"),
+                    state.best_step, out_dir)
+        if results["test"]:
+            logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
+    dist.barrier()
+    return results
+
+
+def cli() -> None:
+    try:
+        main()
+    except (D.DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()
