@@ -21,7 +21,7 @@
 
 Writes to --output-dir: the best model as an HF directory (config.json with id2label, model.safetensors,
 tokenizer files) that `--init DIR`, minibert and transformers' AutoModelFor... load; eval_results.json
-and test_results.json; predictions.jsonl for the test set; metrics.jsonl; training_curves.png;
+and test_results.json; train_results.json (steps, seconds, examples/s); predictions.jsonl for the test set; metrics.jsonl; training_curves.png;
 finetune_config.json (the resolved settings); checkpoint/ while the run is in progress (for --resume).
 """
 
@@ -34,6 +34,7 @@ import logging
 import math
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,18 +369,22 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and cfg.progress), desc="fine-tuning",
                dynamic_ncols=True)
     speed = Throughput()
+    train_seconds, examples_trained = 0.0, 0  # training alone, without evaluation and saving
     stopped_early = False
     while state.step < total_steps and state.epoch < epochs and not stopped_early:
         batches = D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=state.epoch, rank=dist.rank,
                                   world_size=dist.world_size, skip=state.batch_in_epoch)
         for start in range(0, len(batches), cfg.grad_accum):
             group = batches[start : start + cfg.grad_accum]
+            step_start = time.perf_counter()
             micro = [D.collate([train_features[i] for i in batch], pad_id) for batch in group]
             result = trainer.step(micro)
+            train_seconds += time.perf_counter() - step_start
             state.step += 1
             state.batch_in_epoch += len(group)
             n = sum(len(b) for b in group) * dist.world_size
             state.examples_seen += n
+            examples_trained += n
             bar.update(1)
             bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", ex_s=f"{speed.update(n):.0f}")
             trainer.log_metrics({"split": "train", "step": state.step, "epoch": state.epoch, "loss": result["loss"],
@@ -399,8 +404,11 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
                 break
     bar.close()
 
-    results = {"eval": None, "test": None, "output_dir": str(out_dir)}
+    results = {"eval": None, "test": None, "output_dir": str(out_dir),
+               "train": {"steps": state.step, "seconds": round(train_seconds, 2),
+                         "examples_per_s": round(examples_trained / max(train_seconds, 1e-9), 1)}}
     if dist.is_main:
+        _write_json(out_dir / "train_results.json", results["train"])
         if state.best_step is None:  # a resumed run that had nothing left to do
             model.save_pretrained(out_dir, tokenizer=tokenizer)
         best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)

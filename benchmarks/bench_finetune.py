@@ -1,0 +1,130 @@
+"""The built-in task end to end: minibert's train_finetune.py against transformers fine-tuning the same model.
+
+    python benchmarks/bench_finetune.py                  # both runs, ~15 minutes on 2 CPU cores
+    python benchmarks/bench_finetune.py --epochs 1       # a shorter comparison
+
+Both start from the pretrained MiniLM (sentence-transformers/all-MiniLM-L6-v2, offline), fine-tune on the
+movie-review polarity split of minibert.data.movie_reviews with the same hyper-parameters (train_finetune.py's
+defaults: AdamW lr 5e-5, no decay on biases/LayerNorm, 10% warmup then linear decay, batch 32, 3 epochs,
+max length 128, clipping at 1.0), see the same tokenized examples in the same length-grouped batches, and
+keep the checkpoint with the best validation accuracy. transformers runs as a plain loop around
+BertForSequenceClassification with its default (sdpa) attention. Records validation and test accuracy,
+wall time and training examples/s of each, writes benchmarks/results/finetune.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+import train_finetune
+from minibert import data as D
+from minibert.assets import minilm_dir
+from minibert.metrics import compute_metrics
+from minibert.tokenizer import load_tokenizer
+
+
+def transformers_finetune(cfg: train_finetune.FinetuneConfig) -> dict:
+    """The reference: the same data, batches and recipe, with transformers' model and a plain loop."""
+    torch.manual_seed(cfg.seed)
+    train, validation, test = D.movie_reviews("classification")
+    vocab = D.LabelVocab.from_examples(train, "classification")
+    tokenizer = load_tokenizer(str(minilm_dir()))
+    encode = lambda ex: D.encode_examples(tokenizer, ex, max_length=128, task_type="classification", label_vocab=vocab)  # noqa: E731
+    train_f, val_f, test_f = encode(train), encode(validation), encode(test)
+    model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    lengths = [len(f) for f in train_f]
+    steps_per_epoch = len(D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=0))
+    total = cfg.epochs * steps_per_epoch
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
+
+    def evaluate(features):
+        model.eval()
+        batches = D.eval_batches([len(f) for f in features], cfg.eval_batch_size)
+        outputs = []
+        with torch.no_grad():
+            for batch in batches:
+                inputs = D.collate([features[i] for i in batch], 0)
+                inputs.pop("labels")
+                outputs.append(model(**inputs).logits.numpy())
+        preds = np.stack(D.in_original_order(batches, outputs))
+        return compute_metrics("classification", preds, np.array([f.label for f in features]))
+
+    best, best_state, train_seconds, examples = None, None, 0.0, 0
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        for batch in D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch):
+            model.train()
+            loss = model(**D.collate([train_f[i] for i in batch], 0)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            examples += len(batch)
+        train_seconds += time.perf_counter() - t0
+        metrics = evaluate(val_f)
+        print(f"transformers epoch {epoch + 1}: validation {metrics}", flush=True)
+        if best is None or metrics["accuracy"] > best["accuracy"]:
+            best, best_state = metrics, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    test_metrics = evaluate(test_f)
+    return {"validation": best, "test": test_metrics, "wall_seconds": time.perf_counter() - start,
+            "train_examples_per_s": examples / train_seconds}
+
+
+def minibert_finetune(cfg: train_finetune.FinetuneConfig, output_dir: str) -> dict:
+    argv = ["--output-dir", output_dir, "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--no-progress"]
+    start = time.perf_counter()
+    results = train_finetune.main(argv)
+    wall = time.perf_counter() - start
+    return {"validation": {k: v for k, v in results["eval"].items() if k not in ("step", "epoch")},
+            "test": results["test"], "wall_seconds": wall, "train_examples_per_s": results["train"]["examples_per_s"]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=train_finetune.FinetuneConfig.epochs)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output-dir", default="runs/bench-finetune")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "finetune.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = train_finetune.FinetuneConfig(epochs=args.epochs)
+
+    ours = minibert_finetune(cfg, args.output_dir)
+    print("minibert:", json.dumps(ours), flush=True)
+    ref = transformers_finetune(cfg)
+    print("transformers:", json.dumps(ref), flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+              f"{args.threads} threads", "torch": torch.__version__, "transformers": transformers.__version__,
+              "recipe": {k: getattr(cfg, k) for k in ("lr", "batch_size", "epochs", "warmup_ratio", "weight_decay", "seed")},
+              "minibert": ours, "transformers": ref,
+              "speedup_wall": ref["wall_seconds"] / ours["wall_seconds"]}
+    print(f"\n{'':14s}{'val acc':>9s}{'test acc':>10s}{'wall s':>9s}{'train ex/s':>12s}")
+    for name in ("minibert", "transformers"):
+        r = result[name]
+        print(f"{name:14s}{r['validation']['accuracy']:9.4f}{r['test']['accuracy']:10.4f}{r['wall_seconds']:9.0f}"
+              f"{r.get('train_examples_per_s', math.nan):12.1f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

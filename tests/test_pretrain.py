@@ -1,0 +1,106 @@
+"""train_pretrain.py end to end on a small synthetic corpus: output loads in transformers, resume, DDP."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import train_finetune
+import train_pretrain
+
+ROOT = Path(__file__).parents[1]
+WORDS = ("the cat dog sat on a mat and ran to house garden tree bird sang loudly quietly happy sad small large "
+         "river mountain walked across bridge over under morning evening friend stranger").split()
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """60 documents of 4-9 sentences, one sentence a line, a blank line between documents."""
+    monkeypatch.setenv("MINIBERT_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    docs = []
+    for _ in range(60):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                     for _ in range(rng.randint(4, 9))]
+        docs.append("\n".join(sentences))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def tiny_args(corpus, out, *extra):
+    return ["--data", str(corpus), "--output-dir", str(out), "--preset", "tiny", "--num-layers", "2",
+            "--hidden-size", "32", "--num-heads", "2", "--vocab-size", "120", "--seq-len", "32",
+            "--batch-size", "8", "--max-steps", "6", "--eval-steps", "3", "--eval-batches", "2",
+            "--heldout-fraction", "0.1", "--lr", "1e-3", "--no-progress", *map(str, extra)]
+
+
+def test_output_loads_in_transformers_with_identical_logits_and_finetunes(corpus, tmp_path):
+    metrics = train_pretrain.main(tiny_args(corpus, tmp_path / "out"))
+    assert set(metrics) == {"mlm_loss", "perplexity", "mlm_accuracy", "nsp_accuracy"}
+    assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["mlm_loss"]).exp().item(), rel=1e-6)
+    out = tmp_path / "out"
+    keys = load_file(out / "model.safetensors").keys()
+    assert any(k.startswith("bert.encoder.") for k in keys) and "cls.predictions.bias" in keys
+    hf, info = transformers.BertForPreTraining.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    import minibert
+
+    ours = minibert.BertForPreTraining.from_pretrained(str(out)).eval()
+    tok = minibert.load_tokenizer(str(out))
+    enc = tok.encode("the cat sat on a mat.", "a bird sang loudly.")
+    ids = torch.tensor([enc.ids])
+    types = torch.tensor([enc.type_ids])
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids, token_type_ids=types)
+        got = ours(ids, token_type_ids=types)
+    assert (ref.prediction_logits - got.mlm_logits).abs().max() < 1e-5
+    assert (ref.seq_relationship_logits - got.nsp_logits).abs().max() < 1e-5
+    # and the fine-tuning script takes it as --init
+    rows = "text,label\n" + "".join(f"{' '.join(WORDS[i:i + 5])},{'ab'[i % 2]}\n" for i in range(12))
+    (tmp_path / "train.csv").write_text(rows)
+    results = train_finetune.main(["--init", str(out), "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+                                   str(tmp_path / "train.csv"), "--max-steps", "1", "--output-dir", str(tmp_path / "ft"),
+                                   "--no-progress"])
+    assert "accuracy" in results["eval"]
+
+
+def test_no_nsp_whole_word(corpus, tmp_path):
+    metrics = train_pretrain.main(tiny_args(corpus, tmp_path / "out", "--no-nsp", "--whole-word-mask"))
+    assert "nsp_accuracy" not in metrics and metrics["mlm_loss"] > 0
+
+
+def train_losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["split"] == "train"]
+
+
+def test_killed_and_resumed_equals_uninterrupted(corpus, tmp_path):
+    train_pretrain.main(tiny_args(corpus, tmp_path / "a", "--save-steps", 2))
+    assert train_pretrain.main(tiny_args(corpus, tmp_path / "b", "--save-steps", 2), _stop_after_steps=3) == {"stopped_at": 3}
+    train_pretrain.main(tiny_args(corpus, tmp_path / "b", "--save-steps", 2, "--resume"))
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")[:2] + train_losses(tmp_path / "b")[3:]
+
+
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_path):
+    """torchrun with 2 CPU processes (gloo), global batch 8 = 2 x 4, against one process holding the same
+    8 examples as 2 accumulation steps of 4: the same gradients, so the same loss trajectory. Dropout is
+    off: each rank draws its own dropout masks, so with dropout the two runs differ by design."""
+    train_pretrain.main(tiny_args(corpus, tmp_path / "single", "--grad-accum", 2, "--dropout", 0))  # builds the cache
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "train_pretrain.py"), *tiny_args(corpus, tmp_path / "ddp", "--dropout", 0)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
+    assert len(single) == len(ddp) == 6
+    assert max(abs(x - y) for x, y in zip(single, ddp)) < 1e-5, (single, ddp)
