@@ -1,6 +1,6 @@
 """Fine-tune a pretrained BERT on labelled text: classification, regression, multi-label, or token tags.
 
-    # The built-in task, offline: movie-review sentence polarity from the pretrained MiniLM (~12 min on 2 CPU cores)
+    # The built-in task, offline: movie-review sentence polarity from the pretrained MiniLM (~7 min on 2 CPU cores)
     python train_finetune.py
     # A quick check that everything works (about a minute on a laptop CPU)
     python train_finetune.py --max-steps 30 --eval-steps 30 --output-dir runs/quick

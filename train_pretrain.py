@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
                          "use more text or a smaller batch")
     collate = P.MaskingCollator.for_dataset(train, mask_prob=cfg.mask_prob, whole_word_mask=cfg.whole_word_mask, seed=cfg.seed)
     model = build_model(cfg, train.vocab_size)
+    if not cfg.nsp:  # the NSP head (and the pooler, which only it reads) get no loss: keep them out of training
+        model.nsp_head.requires_grad_(False)
+        model.bert.pooler.requires_grad_(False)
     settings = TrainingSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                                 grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, precision=precision,
                                 compile=cfg.compile, adam_eps=1e-6)

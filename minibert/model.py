@@ -328,7 +328,10 @@ class BertForPreTraining(PreTrainedBert):
             flat_labels = layout.flat_tokens(labels)  # (N,) or (B*T,)
             masked = flat_labels != -100
             mlm_logits = self.mlm_head(hidden.reshape(-1, hidden.shape[-1])[masked])  # (M, V)
-            mlm_loss = F.cross_entropy(mlm_logits.float(), flat_labels[masked])
+            if len(mlm_logits):
+                mlm_loss = F.cross_entropy(mlm_logits.float(), flat_labels[masked])
+            else:  # nothing masked in this batch: a zero that still reaches every weight (for DDP)
+                mlm_loss = mlm_logits.sum() * 0.0
         if next_sentence_label is not None:
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
