@@ -27,7 +27,6 @@ finetune_config.json (the resolved settings); checkpoint/ while the run is in pr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -55,7 +54,9 @@ from minibert.training import (
     Trainer,
     TrainingSettings,
     TrainState,
+    parse_settings,
     plot_curves,
+    resolve_precision,
     seed_everything,
     setup_distributed,
 )
@@ -107,16 +108,7 @@ class FinetuneConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 2)[2])
-    for f in dataclasses.fields(FinetuneConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
-            parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper())
-    return FinetuneConfig(**vars(parser.parse_args(argv)))
+    return parse_settings(FinetuneConfig, argv, __doc__)
 
 
 # ----------------------------------------------------------------------------- data
@@ -294,9 +286,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if dist.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(cfg.precision, dist.device)
 
     # Everything that can be wrong with the input is checked here, before any training.
     task = load_task_data(cfg)

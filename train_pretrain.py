@@ -27,7 +27,6 @@ checkpoint/ every --save-steps (for --resume).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -50,7 +49,9 @@ from minibert.training import (
     Trainer,
     TrainingSettings,
     TrainState,
+    parse_settings,
     plot_curves,
+    resolve_precision,
     seed_everything,
     setup_distributed,
 )
@@ -106,18 +107,7 @@ class PretrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 2)[2])
-    for f in dataclasses.fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.name == "data":
-            parser.add_argument(flag, nargs="+", default=[], metavar="PATH")
-        else:
-            kind = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
-            parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper())
-    return PretrainConfig(**vars(parser.parse_args(argv)))
+    return parse_settings(PretrainConfig, argv, __doc__)
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -239,9 +229,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     dist = setup_distributed(cfg.device)
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if dist.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(cfg.precision, dist.device)
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
                          f"({dist.world_size} x {cfg.grad_accum})")
