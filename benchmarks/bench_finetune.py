@@ -110,6 +110,7 @@ def minibert_finetune(cfg: train_finetune.FinetuneConfig, output_dir: str) -> di
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=train_finetune.FinetuneConfig.epochs)
+    parser.add_argument("--seed", type=int, default=train_finetune.FinetuneConfig.seed)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--same-batches", action="store_true", help="give transformers minibert's length-grouped batches")
     parser.add_argument("--output-dir", default="runs/bench-finetune")
@@ -117,7 +118,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = train_finetune.FinetuneConfig(epochs=args.epochs)
+    cfg = train_finetune.FinetuneConfig(epochs=args.epochs, seed=args.seed)
 
     ours = minibert_finetune(cfg, args.output_dir)
     print("minibert:", json.dumps(ours), flush=True)

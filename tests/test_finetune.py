@@ -186,6 +186,17 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_init_dir, tmp_path):
     assert losses("a") == losses("b")[:4] + losses("b")[5:]  # b logged step 5 twice: before the kill and after
 
 
+def test_early_stopping(tiny_init_dir, tmp_path):
+    """With a learning rate too small to change any prediction, the metric never improves after the first
+    evaluation: --early-stopping 2 stops after two more evaluations."""
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(16))
+    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 10,
+        "--eval-steps", 1, "--early-stopping", 2, "--lr", "1e-12")
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [1, 2, 3]
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["step"] == 1
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -77,6 +77,19 @@ def test_no_nsp_whole_word(corpus, tmp_path):
     assert "nsp_accuracy" not in metrics and metrics["mlm_loss"] > 0
 
 
+def test_continued_pretraining_from_an_encoder_checkpoint_creates_the_heads(corpus, tmp_path, tiny_init_dir, caplog):
+    """--init a BertModel checkpoint (no cls.* weights): its tokenizer is reused, the heads are new."""
+    args = tiny_args(corpus, tmp_path / "out", "--init", tiny_init_dir, "--max-steps", 2)
+    drop = {"--preset", "--num-layers", "--hidden-size", "--num-heads", "--vocab-size"}
+    args = [a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop)]
+    train_pretrain.main(args)
+    assert "newly initialised" in caplog.text and "mlm_head" in caplog.text and "nsp_head" in caplog.text
+    before = load_file(tiny_init_dir / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    assert after["bert.embeddings.word_embeddings.weight"].shape == before["embeddings.word_embeddings.weight"].shape
+    assert "cls.predictions.transform.dense.weight" in after
+
+
 def train_losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["split"] == "train"]
