@@ -157,6 +157,17 @@ class Layer(nn.Module):
 # ----------------------------------------------------------------------------- the encoder
 
 
+class Pooler(nn.Module):
+    """tanh(dense(h_[CLS])): the sentence vector NSP and sequence classification read."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, cls_hidden: Tensor) -> Tensor:  # (B, C) -> (B, C)
+        return torch.tanh(self.dense(cls_hidden))
+
+
 @dataclass
 class BertOutput:
     last_hidden_state: Tensor  # (B, T, C), zeros at padded positions when unpadded
@@ -181,8 +192,6 @@ class PreTrainedBert(nn.Module):
                     module.weight.data[module.padding_idx].zero_()
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, MaskedLMHead):
                 nn.init.zeros_(module.bias)
 
     @classmethod
@@ -243,18 +252,7 @@ class BertModel(PreTrainedBert):
         return group_parameters(self, self, weight_decay, layer_lr_decay)
 
 
-# ----------------------------------------------------------------------------- heads
-
-
-class Pooler(nn.Module):
-    """tanh(dense(h_[CLS])): the sentence vector NSP and sequence classification read."""
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(self, cls_hidden: Tensor) -> Tensor:  # (B, C) -> (B, C)
-        return torch.tanh(self.dense(cls_hidden))
+# ----------------------------------------------------------------------------- the masked-LM head
 
 
 class MaskedLMHead(nn.Module):
