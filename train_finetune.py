@@ -54,6 +54,7 @@ from minibert.training import (
     Trainer,
     TrainingSettings,
     TrainState,
+    atomic_write_text,
     parse_settings,
     plot_curves,
     resolve_precision,
@@ -270,9 +271,7 @@ def prediction_records(task: TaskData, examples, outputs, features, vocab) -> li
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- main
@@ -406,9 +405,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
         if test_features:
             outputs = predict(best, test_features, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)
             records = prediction_records(task, task.test, outputs, test_features, vocab)
-            tmp = out_dir / ".predictions.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-            tmp.replace(out_dir / "predictions.jsonl")
+            atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             if test_features[0].label is not None:
                 results["test"] = score(task, outputs, test_features, vocab)
                 _write_json(out_dir / "test_results.json", results["test"])

@@ -49,6 +49,7 @@ from minibert.training import (
     Trainer,
     TrainingSettings,
     TrainState,
+    atomic_write_text,
     parse_settings,
     plot_curves,
     resolve_precision,
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     state = trainer.resume() if cfg.resume else TrainState()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "pretrain_config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        atomic_write_text(out_dir / "pretrain_config.json", json.dumps(run_config, indent=2) + "\n")
         if not cfg.resume:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         n_params = sum(p.numel() for p in model.parameters())

@@ -183,9 +183,10 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
 # ----------------------------------------------------------------------------- the trainer
 
 
-def _atomic_json(path: Path, data) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -283,7 +284,7 @@ class Trainer:
                 tmp / "training_state.pt",
             )
             if run_config is not None:
-                _atomic_json(tmp / "run_config.json", run_config)
+                atomic_write_text(tmp / "run_config.json", json.dumps(run_config, indent=2, default=str) + "\n")
             shutil.rmtree(old, ignore_errors=True)
             if self.checkpoint_dir.exists():
                 os.replace(self.checkpoint_dir, old)
@@ -318,9 +319,19 @@ class Trainer:
         if self.scaler and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"])
-        return TrainState(**saved["state"])
+        state = TrainState(**saved["state"])
+        self._forget_metrics_after(state.step)
+        return state
 
     # --------------------------------------------------------------------- logging
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """A killed run logged steps past its last checkpoint; the resumed run logs them again."""
+        path = self.output_dir / "metrics.jsonl"
+        if self.dist.is_main and path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def log_metrics(self, record: dict) -> None:
         if self.dist.is_main:

@@ -101,7 +101,7 @@ def test_killed_and_resumed_equals_uninterrupted(corpus, tmp_path):
     train_pretrain.main(tiny_args(corpus, tmp_path / "b", "--save-steps", 2, "--resume"))
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")[:2] + train_losses(tmp_path / "b")[3:]
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_path):
