@@ -34,7 +34,7 @@ finetune: setup
 	HF_HUB_OFFLINE=1 $(PY) train_finetune.py --init sentence-transformers/all-MiniLM-L6-v2 --output-dir runs/minilm-polarity
 
 pretrain: setup
-	$(PY) train_pretrain.py --preset mini --max-steps 2000 --output-dir runs/pretrain-mini
+	$(PY) train_pretrain.py --preset mini --seq-len 64 --batch-size 32 --max-steps 2800 --output-dir runs/pretrain-mini
 
 bench: setup
 	$(PY) benchmarks/bench_cpu.py

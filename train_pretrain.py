@@ -1,7 +1,7 @@
 """Pretrain BERT from raw text: masked language modelling + next-sentence prediction.
 
-    # The built-in corpus (2017 news articles + Shakespeare, ~3 M words, offline), a BERT-Mini, ~15 min on 2 CPU cores
-    python train_pretrain.py --preset mini --max-steps 2000 --output-dir runs/pretrain-mini
+    # The built-in corpus (2017 news articles + Shakespeare, ~3 M words, offline), a BERT-Mini, ~17 min on 2 CPU cores
+    python train_pretrain.py --preset mini --seq-len 64 --batch-size 32 --max-steps 2800 --output-dir runs/pretrain-mini
     # A quick check that everything works (under a minute on a laptop CPU)
     python train_pretrain.py --preset tiny --max-steps 20 --batch-size 16 --output-dir runs/quick
     # Your corpus: text files or folders (one sentence or paragraph per line, a blank line between
