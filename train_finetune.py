@@ -82,6 +82,7 @@ class FinetuneConfig:
     text_pair_column: str | None = None  # the second text of sentence-pair tasks
     label_column: str | None = None  # default "label" ("tags" for token classification)
     task_type: str | None = None  # classification | regression | multilabel | token-classification
+    group_by_length: bool = True  # batches of similar lengths: less padding, faster; --no-group-by-length shuffles freely
     max_length: int | None = None  # tokens per example with [CLS]/[SEP]; longer ones are truncated. None: 128, or fewer if the model has fewer positions
     # --- optimisation (BERT's recipe) ---
     epochs: int = 3
@@ -314,8 +315,9 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
                                 grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                                 layer_lr_decay=cfg.layer_lr_decay, precision=precision, compile=cfg.compile)
     lengths = [len(f) for f in train_features]
+    chunk_batches = 50 if cfg.group_by_length else 1  # sorting within one batch only leaves batches random
     batches_per_epoch = len(D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=0,
-                                            rank=dist.rank, world_size=dist.world_size))
+                                            rank=dist.rank, world_size=dist.world_size, chunk_batches=chunk_batches))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     stopped_early = False
     while state.step < total_steps and state.epoch < epochs and not stopped_early:
         batches = D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=state.epoch, rank=dist.rank,
-                                  world_size=dist.world_size, skip=state.batch_in_epoch)
+                                  world_size=dist.world_size, skip=state.batch_in_epoch, chunk_batches=chunk_batches)
         for start in range(0, len(batches), cfg.grad_accum):
             group = batches[start : start + cfg.grad_accum]
             step_start = time.perf_counter()

@@ -98,8 +98,8 @@ def transformers_finetune(cfg: train_finetune.FinetuneConfig, same_batches: bool
             "train_examples_per_s": examples / train_seconds}
 
 
-def minibert_finetune(cfg: train_finetune.FinetuneConfig, output_dir: str) -> dict:
-    argv = ["--output-dir", output_dir, "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--no-progress"]
+def minibert_finetune(cfg: train_finetune.FinetuneConfig, output_dir: str, extra: list[str]) -> dict:
+    argv = ["--output-dir", output_dir, "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--no-progress", *extra]
     start = time.perf_counter()
     results = train_finetune.main(argv)
     wall = time.perf_counter() - start
@@ -111,6 +111,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=train_finetune.FinetuneConfig.epochs)
     parser.add_argument("--seed", type=int, default=train_finetune.FinetuneConfig.seed)
+    parser.add_argument("--minibert-args", default="", help="more train_finetune.py flags, e.g. '--no-group-by-length'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--same-batches", action="store_true", help="give transformers minibert's length-grouped batches")
     parser.add_argument("--output-dir", default="runs/bench-finetune")
@@ -120,13 +121,14 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = train_finetune.FinetuneConfig(epochs=args.epochs, seed=args.seed)
 
-    ours = minibert_finetune(cfg, args.output_dir)
+    ours = minibert_finetune(cfg, args.output_dir, args.minibert_args.split())
     print("minibert:", json.dumps(ours), flush=True)
     ref = transformers_finetune(cfg, args.same_batches)
     print("transformers:", json.dumps(ref), flush=True)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
               f"{args.threads} threads", "torch": torch.__version__, "transformers": transformers.__version__,
               "recipe": {k: getattr(cfg, k) for k in ("lr", "batch_size", "epochs", "warmup_ratio", "weight_decay", "seed")},
+              "minibert_args": args.minibert_args,
               "transformers_batches": "length-grouped (minibert's)" if args.same_batches else "shuffled, padded to longest",
               "minibert": ours, "transformers": ref,
               "speedup_wall": ref["wall_seconds"] / ours["wall_seconds"]}
