@@ -186,6 +186,24 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_init_dir, tmp_path):
     assert losses("a") == losses("b")  # the steps logged after the checkpoint, before the kill, are dropped
 
 
+def test_length_grouping_and_its_opt_out(tiny_init_dir, tmp_path):
+    """Grouped batches hold examples of similar lengths; --no-group-by-length gives batches as random as a
+    plain shuffle. Both see every example once an epoch."""
+    import numpy as np
+
+    from minibert.data import train_batches
+
+    lengths = np.random.default_rng(0).integers(5, 100, 800)
+    spread = lambda batches: np.mean([np.ptp(lengths[b]) for b in batches])  # noqa: E731
+    grouped = train_batches(lengths, 8, seed=0, epoch=0)
+    plain = train_batches(lengths, 8, seed=0, epoch=0, chunk_batches=1)
+    assert sorted(sum(grouped, [])) == sorted(sum(plain, [])) == list(range(800))
+    assert spread(grouped) < 10 < 50 < spread(plain)
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(16))
+    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 2, "--no-group-by-length")
+    assert json.loads((tmp_path / "out" / "finetune_config.json").read_text())["group_by_length"] is False
+
+
 def test_early_stopping(tiny_init_dir, tmp_path):
     """With a learning rate too small to change any prediction, the metric never improves after the first
     evaluation: --early-stopping 2 stops after two more evaluations."""
