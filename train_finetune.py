@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from minibert.training import (
     parse_settings,
     plot_curves,
     resolve_precision,
+    run_cli,
     seed_everything,
     setup_distributed,
 )
@@ -422,12 +422,5 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     return results
 
 
-def cli() -> None:
-    try:
-        main()
-    except (D.DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)

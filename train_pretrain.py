@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +52,7 @@ from minibert.training import (
     parse_settings,
     plot_curves,
     resolve_precision,
+    run_cli,
     seed_everything,
     setup_distributed,
 )
@@ -315,12 +315,5 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     return metrics
 
 
-def cli() -> None:
-    try:
-        main()
-    except (P.CorpusError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)

@@ -27,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +58,15 @@ def parse_settings(cls, argv: list[str] | None, doc: str):
             default = "" if f.default is None else f" (default {f.default})"
             parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(), help=help + default)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def run_cli(main) -> None:
+    """Run a script's main(); bad input (DataError, CorpusError: ValueErrors; missing files) ends the
+    run with its one-line message and exit status 1 instead of a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -77,6 +77,20 @@ def _keep_entry(seed, head, tokens, cols, total_tokens, max_seqlen, dropout_p):
 
 
 @triton.jit
+def _sequence(CU_SEQLENS, batch):
+    """(first token, length) of packed sequence `batch`."""
+    seq_start = tl.load(CU_SEQLENS + batch)
+    return seq_start, tl.load(CU_SEQLENS + batch + 1) - seq_start
+
+
+@triton.jit
+def _at(X, seq_start, head, stride_t, stride_h):
+    """X moved to the first token of a sequence in one head. int64: total_tokens * stride can pass 2**31
+    on long packed batches."""
+    return X + seq_start.to(tl.int64) * stride_t + head * stride_h
+
+
+@triton.jit
 def _key_valid(KEY_VALID, seq_start, cols, seqlen, HAS_KEY_MASK: tl.constexpr):
     """(len(cols),) True for keys that exist and are not padding."""
     valid = cols < seqlen
@@ -97,8 +111,7 @@ def _forward_kernel(
     block_m = tl.program_id(0)
     batch = tl.program_id(1)
     head = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + batch)
-    seqlen = tl.load(CU_SEQLENS + batch + 1) - seq_start
+    seq_start, seqlen = _sequence(CU_SEQLENS, batch)
     if block_m * BLOCK_M >= seqlen:  # the grid is sized for the longest sequence
         return
 
@@ -106,10 +119,9 @@ def _forward_kernel(
     cols_in_block = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     row_valid = rows < seqlen
-    # int64: total_tokens * stride can pass 2**31 on long packed batches
-    Q += seq_start.to(tl.int64) * stride_qt + head * stride_qh
-    K += seq_start.to(tl.int64) * stride_kt + head * stride_kh
-    V += seq_start.to(tl.int64) * stride_vt + head * stride_vh
+    Q = _at(Q, seq_start, head, stride_qt, stride_qh)
+    K = _at(K, seq_start, head, stride_kt, stride_kh)
+    V = _at(V, seq_start, head, stride_vt, stride_vh)
     q = tl.load(Q + rows[:, None] * stride_qt + dims[None, :], mask=row_valid[:, None], other=0.0)
 
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -146,7 +158,7 @@ def _forward_kernel(
         out = out / (1.0 - dropout_p)
     lse = tl.where(no_keys, float("inf"), row_max + tl.math.log2(row_sum))  # in log2 units of scaled scores
 
-    O += seq_start.to(tl.int64) * stride_ot + head * stride_oh
+    O = _at(O, seq_start, head, stride_ot, stride_oh)
     tl.store(O + rows[:, None] * stride_ot + dims[None, :], out.to(O.dtype.element_ty), mask=row_valid[:, None])
     tl.store(LSE + head.to(tl.int64) * total_tokens + seq_start + rows, lse, mask=row_valid)
 
@@ -185,8 +197,7 @@ def _backward_dkdv_kernel(
     block_n = tl.program_id(0)
     batch = tl.program_id(1)
     head = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + batch)
-    seqlen = tl.load(CU_SEQLENS + batch + 1) - seq_start
+    seq_start, seqlen = _sequence(CU_SEQLENS, batch)
     if block_n * BLOCK_N >= seqlen:
         return
 
@@ -195,10 +206,10 @@ def _backward_dkdv_kernel(
     dims = tl.arange(0, HEAD_DIM)
     col_in_seq = (cols < seqlen)[:, None]
     col_valid = _key_valid(KEY_VALID, seq_start, cols, seqlen, HAS_KEY_MASK)
-    Q += seq_start.to(tl.int64) * stride_qt + head * stride_qh
-    K += seq_start.to(tl.int64) * stride_kt + head * stride_kh
-    V += seq_start.to(tl.int64) * stride_vt + head * stride_vh
-    DO += seq_start.to(tl.int64) * stride_dot + head * stride_doh
+    Q = _at(Q, seq_start, head, stride_qt, stride_qh)
+    K = _at(K, seq_start, head, stride_kt, stride_kh)
+    V = _at(V, seq_start, head, stride_vt, stride_vh)
+    DO = _at(DO, seq_start, head, stride_dot, stride_doh)
     LSE += head.to(tl.int64) * total_tokens + seq_start
     DELTA += head.to(tl.int64) * total_tokens + seq_start
     k = tl.load(K + cols[:, None] * stride_kt + dims[None, :], mask=col_in_seq, other=0.0)
@@ -233,8 +244,8 @@ def _backward_dkdv_kernel(
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
     dk *= sm_scale  # scores were q.k * sm_scale
-    DK += seq_start.to(tl.int64) * stride_dkt + head * stride_dkh
-    DV += seq_start.to(tl.int64) * stride_dvt + head * stride_dvh
+    DK = _at(DK, seq_start, head, stride_dkt, stride_dkh)
+    DV = _at(DV, seq_start, head, stride_dvt, stride_dvh)
     tl.store(DK + cols[:, None] * stride_dkt + dims[None, :], dk.to(DK.dtype.element_ty), mask=col_in_seq)
     tl.store(DV + cols[:, None] * stride_dvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=col_in_seq)
 
@@ -255,8 +266,7 @@ def _backward_dq_kernel(
     block_m = tl.program_id(0)
     batch = tl.program_id(1)
     head = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + batch)
-    seqlen = tl.load(CU_SEQLENS + batch + 1) - seq_start
+    seq_start, seqlen = _sequence(CU_SEQLENS, batch)
     if block_m * BLOCK_M >= seqlen:
         return
 
@@ -264,10 +274,10 @@ def _backward_dq_kernel(
     cols_in_block = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     row_in_seq = rows < seqlen
-    Q += seq_start.to(tl.int64) * stride_qt + head * stride_qh
-    K += seq_start.to(tl.int64) * stride_kt + head * stride_kh
-    V += seq_start.to(tl.int64) * stride_vt + head * stride_vh
-    DO += seq_start.to(tl.int64) * stride_dot + head * stride_doh
+    Q = _at(Q, seq_start, head, stride_qt, stride_qh)
+    K = _at(K, seq_start, head, stride_kt, stride_kh)
+    V = _at(V, seq_start, head, stride_vt, stride_vh)
+    DO = _at(DO, seq_start, head, stride_dot, stride_doh)
     q = tl.load(Q + rows[:, None] * stride_qt + dims[None, :], mask=row_in_seq[:, None], other=0.0)
     do = tl.load(DO + rows[:, None] * stride_dot + dims[None, :], mask=row_in_seq[:, None], other=0.0)
     LSE += head.to(tl.int64) * total_tokens + seq_start
@@ -294,7 +304,7 @@ def _backward_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     dq *= sm_scale
-    DQ += seq_start.to(tl.int64) * stride_dqt + head * stride_dqh
+    DQ = _at(DQ, seq_start, head, stride_dqt, stride_dqh)
     tl.store(DQ + rows[:, None] * stride_dqt + dims[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_in_seq[:, None])
 
@@ -307,8 +317,7 @@ def _dropout_mask_kernel(
     """Writes the keep-flags the attention kernels use, for tests. Grid (query blocks, batch, heads)."""
     batch = tl.program_id(1)
     head = tl.program_id(2)
-    seq_start = tl.load(CU_SEQLENS + batch)
-    seqlen = tl.load(CU_SEQLENS + batch + 1) - seq_start
+    seq_start, seqlen = _sequence(CU_SEQLENS, batch)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     KEEP += batch.to(tl.int64) * stride_kb + head * stride_kh
     for start_n in range(0, seqlen, BLOCK_N):
