@@ -86,6 +86,10 @@ class PretrainConfig:
     intermediate_size: int | None = None
     attn_impl: str | None = None  # eager | sdpa | triton (None: sdpa)
     dropout: float | None = None  # hidden and attention dropout; None keeps BERT's 0.1 (or the checkpoint's)
+    # A fresh model's MLM output bias starts at the corpus's log token frequencies, so training starts at
+    # the unigram loss instead of spending its first thousands of steps learning how common each word is
+    # (Karpathy's "init well"); --no-unigram-bias-init keeps BERT's zeros. Not applied with --init.
+    unigram_bias_init: bool = True
     # --- optimisation ---
     max_steps: int = 2000
     batch_size: int = 64  # global: across processes and accumulation steps
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
                          "use more text or a smaller batch")
     collate = P.MaskingCollator.for_dataset(train, mask_prob=cfg.mask_prob, whole_word_mask=cfg.whole_word_mask, seed=cfg.seed)
     model = build_model(cfg, train.vocab_size)
+    if cfg.unigram_bias_init and not cfg.init and not cfg.resume:
+        with torch.no_grad():
+            model.mlm_head.bias.copy_(P.unigram_log_probs(train))
     if not cfg.nsp:  # the NSP head (and the pooler, which only it reads) get no loss: keep them out of training
         model.nsp_head.requires_grad_(False)
         model.bert.pooler.requires_grad_(False)

@@ -934,6 +934,23 @@ class PretrainingDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.batch([i]).items()}
 
 
+def unigram_log_probs(dataset: PretrainingDataset, smoothing: float = 1.0) -> torch.Tensor:
+    """(vocab_size,) float32: log frequency of each token among the real, non-special tokens of
+    ``dataset`` (add-``smoothing`` counts, so unseen tokens get a finite value), special tokens at
+    the smallest value. The masked-LM answer distribution when context is ignored: see
+    train_pretrain.py's ``--unigram-bias-init``."""
+    ids, lengths = dataset.arrays["input_ids"], dataset.arrays["lengths"]
+    counts = np.zeros(dataset.vocab_size, dtype=np.float64)
+    for start in range(0, len(ids), 65_536):  # a chunk at a time: the shard stays memory-mapped
+        rows, row_lengths = ids[start : start + 65_536], lengths[start : start + 65_536]
+        real = np.arange(rows.shape[1])[None, :] < row_lengths[:, None]
+        counts += np.bincount(rows[real], minlength=dataset.vocab_size)[: dataset.vocab_size]
+    counts[dataset.special_token_ids] = 0.0
+    log_probs = np.log(counts + smoothing) - np.log(counts.sum() + smoothing * dataset.vocab_size)
+    log_probs[dataset.special_token_ids] = log_probs.min()
+    return torch.from_numpy(log_probs).float()
+
+
 def num_batches(num_examples: int, global_batch_size: int, drop_last: bool = True) -> int:
     """Steps in one epoch of ``batches``."""
     return num_examples // global_batch_size if drop_last else -(-num_examples // global_batch_size)

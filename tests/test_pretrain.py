@@ -1,6 +1,7 @@
 """train_pretrain.py end to end on a small synthetic corpus: output loads in transformers, resume, DDP."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -93,6 +94,17 @@ def test_continued_pretraining_from_an_encoder_checkpoint_creates_the_heads(corp
 def train_losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["split"] == "train"]
+
+
+def test_a_fresh_model_starts_at_the_unigram_loss(corpus, tmp_path):
+    """With BERT's zero output bias the first MLM loss is about log(V) (uniform guesses); the unigram
+    bias init starts it at the corpus's word frequencies instead, well below."""
+    train_pretrain.main(tiny_args(corpus, tmp_path / "zeros", "--no-nsp", "--max-steps", 1, "--no-unigram-bias-init"))
+    train_pretrain.main(tiny_args(corpus, tmp_path / "unigram", "--no-nsp", "--max-steps", 1))
+    vocab_size = json.loads((tmp_path / "zeros" / "config.json").read_text())["vocab_size"]
+    zeros, unigram = train_losses(tmp_path / "zeros")[0], train_losses(tmp_path / "unigram")[0]
+    assert zeros == pytest.approx(math.log(vocab_size), abs=0.1)
+    assert unigram < zeros - 0.5
 
 
 def test_killed_and_resumed_equals_uninterrupted(corpus, tmp_path):

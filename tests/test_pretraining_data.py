@@ -613,3 +613,21 @@ def test_builtin_corpus_documents():
     assert not any('"?' in line for line in lines)  # the news encoding damage is repaired
     assert 2.8e6 < sum(len(line.split()) for line in lines) < 3.2e6
     assert any(line.startswith("HAMLET: To be, or not to be") for line in lines)  # speeches join verse
+
+
+def test_unigram_log_probs_count_real_non_special_tokens(tmp_path):
+    documents = synthetic_corpus(20, seed=9)
+    tokenizer, _ = synthetic_tokenizer(documents)
+    shards = build_pretraining_shards(documents, tokenizer, tmp_path, seq_len=24, seed=1, corpus_id="synthetic-9")
+    dataset = PretrainingDataset(shards)
+    log_probs = pd.unigram_log_probs(dataset, smoothing=0.5)
+    # The hand count: every real token of every row, special tokens and padding left out.
+    counts = np.zeros(dataset.vocab_size)
+    for row, length in zip(dataset.arrays["input_ids"], dataset.arrays["lengths"]):
+        for token in row[:length]:
+            if token not in (PAD, UNK, CLS, SEP, MASK):
+                counts[token] += 1
+    expected = np.log((counts + 0.5) / (counts.sum() + 0.5 * dataset.vocab_size))
+    normal = [i for i in range(dataset.vocab_size) if i not in dataset.special_token_ids]
+    assert np.allclose(log_probs.numpy()[normal], expected[normal], atol=1e-6)
+    assert (log_probs[dataset.special_token_ids] == log_probs.min()).all()
