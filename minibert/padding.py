@@ -39,6 +39,7 @@ class TokenLayout:
         return self.indices is not None
 
     @classmethod
+    @torch.compiler.disable  # reads the mask's values (data-dependent shapes): runs eagerly under torch.compile
     def from_mask(cls, attention_mask: Tensor | None, batch_size: int, seqlen: int, *, unpad: bool) -> "TokenLayout":
         """Describe a batch; unpad only when asked and when there is padding to remove."""
         if attention_mask is None:
