@@ -40,6 +40,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--pretrain-args", default="", help="more train_pretrain.py flags, e.g. '--no-nsp --mask-prob 0.3'")
     parser.add_argument("--runs", default="runs/transfer")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "transfer.json"))
     args = parser.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv=None):
     pretrain_metrics = train_pretrain.main([
         "--preset", args.preset, "--max-steps", str(args.pretrain_steps), "--batch-size", str(args.batch_size),
         "--seq-len", str(args.seq_len), "--lr", str(args.pretrain_lr), "--dropout", str(args.pretrain_dropout), "--eval-steps", str(max(1, args.pretrain_steps // 5)),
-        "--save-steps", "0", "--output-dir", str(runs / "pretrained"), "--no-progress"])
+        "--save-steps", "0", "--output-dir", str(runs / "pretrained"), "--no-progress", *args.pretrain_args.split()])
     pretrain_seconds = time.perf_counter() - start
 
     # The baseline: the same architecture and tokenizer, never trained.
