@@ -130,7 +130,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=train_finetune.FinetuneConfig.epochs)
     parser.add_argument("--seed", type=int, default=train_finetune.FinetuneConfig.seed)
-    parser.add_argument("--minibert-args", default="", help="more train_finetune.py flags, e.g. '--no-group-by-length'")
+    parser.add_argument("--minibert-args", default="", help="more train_finetune.py flags, e.g. --minibert-args=--no-group-by-length (with the =)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--same-batches", action="store_true", help="give transformers minibert's length-grouped batches")
     parser.add_argument("--aligned", action="store_true",

@@ -40,7 +40,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
-    parser.add_argument("--pretrain-args", default="", help="more train_pretrain.py flags, e.g. '--no-nsp --mask-prob 0.3'")
+    parser.add_argument("--pretrain-args", default="", help="more train_pretrain.py flags, e.g. --pretrain-args='--no-nsp --mask-prob 0.3' (with the =)")
     parser.add_argument("--runs", default="runs/transfer")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "transfer.json"))
     args = parser.parse_args(argv)
