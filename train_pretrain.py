@@ -87,7 +87,7 @@ class PretrainConfig:
     attn_impl: str | None = None  # eager | sdpa | triton (None: sdpa)
     dropout: float | None = None  # hidden and attention dropout; None keeps BERT's 0.1 (or the checkpoint's)
     # A fresh model's MLM output bias starts at the corpus's log token frequencies, so training starts at
-    # the unigram loss instead of spending its first thousands of steps learning how common each word is
+    # the unigram loss instead of spending its first few hundred steps learning how common each word is
     # (Karpathy's "init well"); --no-unigram-bias-init keeps BERT's zeros. Not applied with --init.
     unigram_bias_init: bool = True
     # --- optimisation ---
