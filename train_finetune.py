@@ -82,6 +82,9 @@ class FinetuneConfig:
     text_pair_column: str | None = None  # the second text of sentence-pair tasks
     label_column: str | None = None  # default "label" ("tags" for token classification)
     task_type: str | None = None  # classification | regression | multilabel | token-classification
+    # Train on a random subset of N examples (0 = all; the subset depends on --seed): quick runs, and
+    # learning curves over the number of labels (benchmarks/transfer.py --label-budgets).
+    max_train_examples: int = 0
     group_by_length: bool = True  # batches of similar lengths: less padding, faster; --no-group-by-length shuffles freely
     max_length: int | None = None  # tokens per example with [CLS]/[SEP]; longer ones are truncated. None: 128, or fewer if the model has fewer positions
     # --- optimisation (BERT's recipe) ---
@@ -97,6 +100,10 @@ class FinetuneConfig:
     layer_lr_decay: float = 1.0  # < 1 gives lower layers smaller learning rates
     freeze_embeddings: bool = False
     freeze_layers: int = 0  # freeze the bottom N encoder layers
+    # Re-initialise the top N encoder layers (and the pooler) before fine-tuning: helps when the top of a
+    # pretrained model is specialised to its pretraining task (Zhang et al. 2021, "Revisiting Few-sample
+    # BERT Fine-tuning").
+    reinit_layers: int = 0
     seed: int = 42
     # --- running ---
     output_dir: str = "runs/finetune"
@@ -208,6 +215,12 @@ def build_model(cfg: FinetuneConfig, task: TaskData, vocab, init_dir: Path):
             raise ValueError(f"--freeze-layers {cfg.freeze_layers}: the model has only {len(model.bert.layers)} layers")
         for layer in model.bert.layers[: cfg.freeze_layers]:
             layer.requires_grad_(False)
+    if cfg.reinit_layers:
+        if cfg.reinit_layers > len(model.bert.layers):
+            raise ValueError(f"--reinit-layers {cfg.reinit_layers}: the model has only {len(model.bert.layers)} layers")
+        for part in [*model.bert.layers[len(model.bert.layers) - cfg.reinit_layers:], model.bert.pooler]:
+            if part is not None:
+                model.init_weights(part)
     return model
 
 
@@ -290,6 +303,11 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
 
     # Everything that can be wrong with the input is checked here, before any training.
     task = load_task_data(cfg)
+    if cfg.max_train_examples < 0:
+        raise ValueError(f"--max-train-examples {cfg.max_train_examples}: give a positive number, or 0 for all examples")
+    if 0 < cfg.max_train_examples < len(task.train):
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(task.train), cfg.max_train_examples, replace=False))
+        task.train = [task.train[i] for i in keep]
     init_dir = resolve_model_dir(cfg.init)
     init_config = BertConfig.from_json_file(init_dir / "config.json")
     if cfg.max_length is None:

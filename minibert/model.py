@@ -179,10 +179,11 @@ class PreTrainedBert(nn.Module):
 
     config: BertConfig
 
-    def init_weights(self) -> None:
-        """BERT's initialisation for training from scratch: N(0, 0.02) weights, zero biases, unit norms."""
+    def init_weights(self, part: nn.Module | None = None) -> None:
+        """BERT's initialisation for training from scratch: N(0, 0.02) weights, zero biases, unit norms.
+        `part` (a submodule) re-initialises only that part, e.g. the top layers before fine-tuning."""
         std = self.config.initializer_range
-        for module in self.modules():
+        for module in (part or self).modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 nn.init.zeros_(module.bias)

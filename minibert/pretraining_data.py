@@ -381,7 +381,8 @@ def split_sentences(text: str) -> list[str]:
     start = 0
     for match in _SENTENCE_END.finditer(text):
         if match.group().rstrip("\"'\u201d\u2019)]") == ".":
-            word = text[start : match.start()].rsplit(maxsplit=1)[-1].lstrip("\"'\u201c\u2018([")
+            words = text[start : match.start()].split()  # empty when the paragraph starts with ". A"
+            word = words[-1].lstrip("\"'\u201c\u2018([") if words else ""
             next_char = text[match.end() :].lstrip()[:1]
             if (
                 word.lower() in _ABBREVIATIONS

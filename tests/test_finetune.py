@@ -171,6 +171,24 @@ def test_freezing(tiny_init_dir, tmp_path):
     assert not torch.equal(after["bert.encoder.layer.1.output.dense.weight"], before["encoder.layer.1.output.dense.weight"])
 
 
+def test_reinit_layers_starts_the_top_layer_and_pooler_fresh(tiny_init_dir, tmp_path):
+    """--reinit-layers 1 on a 2-layer model: layer 1 and the pooler get new N(0, 0.02) weights and zero
+    biases; the embeddings and layer 0 stay as loaded (a learning rate of 1e-12 keeps training from moving them)."""
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(16))
+    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 1,
+        "--lr", "1e-12", "--reinit-layers", 1)
+    before, after = load_file(tiny_init_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for key in after:
+        if key.startswith(("bert.embeddings.", "bert.encoder.layer.0.")):
+            torch.testing.assert_close(after[key], before[key[len("bert."):]], rtol=0, atol=1e-9)
+    for key in ("encoder.layer.1.attention.self.query.weight", "encoder.layer.1.output.dense.weight", "pooler.dense.weight"):
+        assert (after["bert." + key] - before[key]).abs().max() > 0.01, key
+        assert abs(after["bert." + key].std().item() - 0.02) < 0.003, key
+    assert after["bert.encoder.layer.1.output.dense.bias"].abs().max() < 1e-6
+    with pytest.raises(ValueError, match="--reinit-layers 3: the model has only 2 layers"):
+        run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--reinit-layers", 3)
+
+
 def test_killed_and_resumed_run_equals_uninterrupted(tiny_init_dir, tmp_path):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
     args = ["--train-file", train, "--validation-file", train, "--max-steps", 6, "--eval-steps", 2, "--dropout", 0.1]
@@ -202,6 +220,16 @@ def test_length_grouping_and_its_opt_out(tiny_init_dir, tmp_path):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(16))
     run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 2, "--no-group-by-length")
     assert json.loads((tmp_path / "out" / "finetune_config.json").read_text())["group_by_length"] is False
+
+
+def test_max_train_examples_trains_on_a_seeded_subset(tiny_init_dir, tmp_path):
+    """--max-train-examples 6 with batches of 4: one epoch is 2 steps instead of 6."""
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
+    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--epochs", 1,
+        "--max-train-examples", 6, "--no-group-by-length")
+    assert json.loads((tmp_path / "out" / "train_results.json").read_text())["steps"] == 2
+    with pytest.raises(ValueError, match="--max-train-examples -1: give a positive number"):
+        run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-train-examples", -1)
 
 
 def test_early_stopping(tiny_init_dir, tmp_path):

@@ -133,6 +133,7 @@ def test_split_sentences():
         "2017 ended.",
     ]
     assert split_sentences("  no end punctuation  ") == ["no end punctuation"]
+    assert split_sentences(". And then. Wow! . Fine.") == [".", "And then.", "Wow! .", "Fine."]  # no word before a period
     assert split_sentences("") == []
 
 
