@@ -16,8 +16,8 @@
     python train_finetune.py --init bert-base-uncased --task mrpc --data-dir glue_data/MRPC
     # Several GPUs: the same command under torchrun
     torchrun --nproc_per_node 8 train_finetune.py --init bert-base-uncased --task mnli --data-dir glue_data --precision bf16
-    # A killed run continues exactly where it stopped
-    python train_finetune.py --output-dir runs/x ... --resume
+    # A killed run continues exactly where it stopped, with the settings it was started with
+    python train_finetune.py --output-dir runs/x --resume
 
 Writes to --output-dir: the best model as an HF directory (config.json with id2label, model.safetensors,
 tokenizer files) that `--init DIR`, minibert and transformers' AutoModelFor... load; eval_results.json
@@ -54,12 +54,16 @@ from minibert.training import (
     TrainingSettings,
     TrainState,
     atomic_write_text,
+    check_attention_backend,
+    check_counts,
     parse_settings,
     plot_curves,
+    remove_earlier_results,
     resolve_precision,
     run_cli,
     seed_everything,
     setup_distributed,
+    start_output_dir,
 )
 
 logger = logging.getLogger("minibert")
@@ -108,11 +112,14 @@ class FinetuneConfig:
     # --- running ---
     output_dir: str = "runs/finetune"
     eval_steps: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
+    # Also write a resumable checkpoint every N steps between evaluations (0 = only at evaluations), so a
+    # killed run loses at most N steps even when it evaluates once an epoch. HF Trainer's default is 500.
+    save_steps: int = 500
     early_stopping: int = 0  # stop after N evaluations without improvement; 0 = never
     precision: str = "auto"  # fp32 | bf16 | fp16; auto = bf16 on a GPU that supports it, fp32 on CPU
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     device: str | None = None  # cuda | cpu; default: the GPU if there is one
-    resume: bool = False  # continue the run in --output-dir from its last checkpoint
+    resume: bool = False  # continue the run in --output-dir from its last checkpoint, with the settings it was started with
     progress: bool = True  # show the progress bar
 
 
@@ -139,9 +146,7 @@ def load_task_data(cfg: FinetuneConfig) -> TaskData:
     files = cfg.train_file or cfg.validation_file or cfg.test_file
     if cfg.task and files:
         raise D.DataError("give either --task (GLUE) or --train-file/--validation-file, not both")
-    if cfg.task and cfg.task.lower() in ("movie-reviews", "movie_reviews"):
-        cfg.task = None  # the built-in default, named explicitly
-    if cfg.task:
+    if cfg.task and cfg.task.lower() not in ("movie-reviews", "movie_reviews"):  # those name the built-in default
         if not cfg.data_dir:
             raise D.DataError(f"--task {cfg.task} needs --data-dir, the folder of the GLUE download holding its TSV files")
         train, validation, test, spec = D.load_glue(cfg.task, cfg.data_dir)
@@ -150,7 +155,10 @@ def load_task_data(cfg: FinetuneConfig) -> TaskData:
     if files:
         if not (cfg.train_file and cfg.validation_file):
             raise D.DataError("give both --train-file and --validation-file (and optionally --test-file)")
-        task_type = cfg.task_type or "classification"
+        task_type = cfg.task_type
+        if task_type is None:
+            task_type, reason = D.infer_task_type(cfg.train_file, text_column=cfg.text_column, label_column=cfg.label_column)
+            logger.info("minibert: treating the data as %s: %s (--task-type chooses)", task_type, reason)
         columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
         train = D.load_examples(cfg.train_file, task_type=task_type, flag="--train-file", **columns)
         validation = D.load_examples(cfg.validation_file, task_type=task_type, flag="--validation-file", **columns)
@@ -284,6 +292,11 @@ def prediction_records(task: TaskData, examples, outputs, features, vocab) -> li
     return records
 
 
+# What a finished run leaves in --output-dir besides the model: a new run there removes them first.
+RESULT_FILES = ("eval_results.json", "test_results.json", "train_results.json", "predictions.jsonl", "metrics.jsonl",
+                "training_curves.png")
+
+
 def _write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
@@ -296,34 +309,38 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     _stop_after_steps simulates a kill after that many steps (for the resume test)."""
     cfg = parse_args(argv) if argv is None or isinstance(argv, list) else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Everything that can be wrong with the input is checked here, before any training.
+    check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size"),
+                 at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
+    start_output_dir(cfg)  # may set cfg.resume: the same command continues a killed run
     dist = setup_distributed(cfg.device)
+    check_attention_backend(cfg.attn_impl, dist.device)
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     precision = resolve_precision(cfg.precision, dist.device)
 
-    # Everything that can be wrong with the input is checked here, before any training.
     task = load_task_data(cfg)
-    if cfg.max_train_examples < 0:
-        raise ValueError(f"--max-train-examples {cfg.max_train_examples}: give a positive number, or 0 for all examples")
     if 0 < cfg.max_train_examples < len(task.train):
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(task.train), cfg.max_train_examples, replace=False))
         task.train = [task.train[i] for i in keep]
     init_dir = resolve_model_dir(cfg.init)
     init_config = BertConfig.from_json_file(init_dir / "config.json")
-    if cfg.max_length is None:
-        cfg.max_length = min(128, init_config.max_position_embeddings)
-    if cfg.max_length > init_config.max_position_embeddings:
+    max_length = cfg.max_length or min(128, init_config.max_position_embeddings)
+    if max_length > init_config.max_position_embeddings:
         raise ValueError(
-            f"--max-length {cfg.max_length} exceeds the {init_config.max_position_embeddings} positions of --init "
+            f"--max-length {max_length} exceeds the {init_config.max_position_embeddings} positions of --init "
             f"{cfg.init}: use --max-length {init_config.max_position_embeddings} or less"
         )
     architectures = init_config.extra.get("architectures") or []
     init_is_classifier = any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures)
     vocab = choose_labels(cfg, task, init_config, init_is_classifier)
+    if task.task_type == "classification" and len(vocab) < 2:
+        raise D.DataError(f"the training data has one label only ({vocab.labels[0]!r}): a classifier needs examples "
+                          "of at least two labels (for a score, pass --task-type regression)")
     tokenizer = load_tokenizer(init_dir)
     pad_id = tokenizer.token_to_id("[PAD]") if tokenizer.token_to_id("[PAD]") is not None else init_config.pad_token_id
     encode = lambda examples, source: D.encode_examples(  # noqa: E731
-        tokenizer, examples, max_length=cfg.max_length, task_type=task.task_type, label_vocab=vocab, source=source)
+        tokenizer, examples, max_length=max_length, task_type=task.task_type, label_vocab=vocab, source=source)
     train_features = encode(task.train, "the training data")
     val_features = encode(task.validation, "the validation data")
     test_features = encode(task.test, "the test data") if task.test else None
@@ -340,14 +357,16 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     trainer = Trainer(model, settings, total_steps, out_dir, dist)
-    run_config = {**dataclasses.asdict(cfg), "precision": precision, "task_type": task.task_type, "task_name": task.name,
-                  "total_steps": total_steps, "world_size": dist.world_size, "init_dir": str(init_dir)}
+    # The settings as given (what --resume compares and restores), then what they resolved to.
+    run_config = {**dataclasses.asdict(cfg), "resolved": {
+        "precision": precision, "task_type": task.task_type, "task_name": task.name, "max_length": max_length,
+        "total_steps": total_steps, "world_size": dist.world_size, "init_dir": str(init_dir)}}
     state = trainer.resume() if cfg.resume else TrainState()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_json(out_dir / "finetune_config.json", run_config)
         if not cfg.resume:
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            remove_earlier_results(out_dir, RESULT_FILES)
         logger.info("minibert: %s, %s: %d train / %d validation / %s test examples, %d steps of %d x %d x %d",
                     task.name, task.task_type, len(train_features), len(val_features),
                     len(test_features) if test_features else 0, total_steps, cfg.batch_size, cfg.grad_accum, dist.world_size)
@@ -404,8 +423,9 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
             evaluate_now = (cfg.eval_steps and state.step % cfg.eval_steps == 0) or (not cfg.eval_steps and epoch_done)
             if evaluate_now or state.step == total_steps:
                 stopped_early = evaluate_and_keep_best()
-                if state.step < total_steps:
-                    trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
+            save_now = evaluate_now or (cfg.save_steps and state.step % cfg.save_steps == 0)
+            if save_now and state.step < total_steps and not stopped_early:
+                trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
             if _stop_after_steps is not None and state.step >= _stop_after_steps:
                 bar.close()
                 return {"stopped_at": state.step}
@@ -432,7 +452,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
         plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", (main_metric,))
         # The run is complete: the resumable state is no longer needed.
         shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
-        logger.info("minibert: best %s %.4f (step %s); model in %s", main_metric, state.best_metric or float("nan"),
+        logger.info("minibert: best %s %.4f (step %s); model in %s", main_metric, float("nan") if state.best_metric is None else state.best_metric,
                     state.best_step, out_dir)
         if results["test"]:
             logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))

@@ -14,7 +14,7 @@
     # Several GPUs (or CPU processes, over gloo): the same command under torchrun
     torchrun --nproc_per_node 8 train_pretrain.py --preset base --batch-size 256 --precision bf16
     # A killed run continues exactly: model, optimizer, schedule, RNG and data position
-    python train_pretrain.py --output-dir runs/pretrain-mini ... --resume
+    python train_pretrain.py --output-dir runs/pretrain-mini --resume
 
 Then fine-tune it: python train_finetune.py --init runs/pretrain-mini
 
@@ -49,12 +49,16 @@ from minibert.training import (
     TrainingSettings,
     TrainState,
     atomic_write_text,
+    check_attention_backend,
+    check_counts,
     parse_settings,
     plot_curves,
+    remove_earlier_results,
     resolve_precision,
     run_cli,
     seed_everything,
     setup_distributed,
+    start_output_dir,
 )
 
 logger = logging.getLogger("minibert")
@@ -107,8 +111,12 @@ class PretrainConfig:
     precision: str = "auto"  # fp32 | bf16 | fp16; auto = bf16 on a GPU that supports it, fp32 on CPU
     compile: bool = False
     device: str | None = None
-    resume: bool = False
+    resume: bool = False  # continue the run in --output-dir from its checkpoint, with the settings it was started with
     progress: bool = True
+
+
+# What a finished run leaves in --output-dir besides the model: a new run there removes them first.
+RESULT_FILES = ("metrics.jsonl", "training_curves.png")
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
@@ -185,7 +193,7 @@ def mlm_accuracy(out, batch) -> dict:
     """Share of masked positions predicted right; mlm_logits holds them in (batch, position) order."""
     labels = batch["labels"].to(out.mlm_logits.device)
     targets = labels[labels != -100]
-    acc = {"mlm_accuracy": (out.mlm_logits.argmax(-1) == targets).float().mean().item() if len(targets) else 0.0}
+    acc = {"mlm_accuracy": (out.mlm_logits.max(-1).indices == targets).float().mean().item() if len(targets) else 0.0}
     if out.nsp_loss is not None:
         acc["nsp_accuracy"] = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"].to(out.nsp_logits.device)).float().mean().item()
     return acc
@@ -231,7 +239,11 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     """Run pretraining; returns the last held-out metrics. _stop_after_steps simulates a kill (for tests)."""
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_counts(cfg, at_least_one=("max_steps", "batch_size", "grad_accum", "seq_len"),
+                 at_least_zero=("eval_steps", "eval_batches", "save_steps"))
+    start_output_dir(cfg)  # may set cfg.resume: the same command continues a killed run
     dist = setup_distributed(cfg.device)
+    check_attention_backend(cfg.attn_impl, dist.device)
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     precision = resolve_precision(cfg.precision, dist.device)
@@ -259,14 +271,16 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
                                 grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, precision=precision,
                                 compile=cfg.compile, adam_eps=1e-6)
     trainer = Trainer(model, settings, cfg.max_steps, out_dir, dist)
-    run_config = {**dataclasses.asdict(cfg), "precision": precision, "shards": str(shards), "world_size": dist.world_size,
-                  "train_examples": len(train), "heldout_examples": len(heldout)}
+    # The settings as given (what --resume compares and restores), then what they resolved to.
+    run_config = {**dataclasses.asdict(cfg), "resolved": {
+        "precision": precision, "shards": str(shards), "world_size": dist.world_size, "train_examples": len(train),
+        "heldout_examples": len(heldout)}}
     state = trainer.resume() if cfg.resume else TrainState()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "pretrain_config.json", json.dumps(run_config, indent=2) + "\n")
         if not cfg.resume:
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            remove_earlier_results(out_dir, RESULT_FILES)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("minibert: pretraining %.1fM parameters on %d examples of %d tokens (%d held out), %d steps of %d",
                     n_params / 1e6, len(train), cfg.seq_len, len(heldout), cfg.max_steps, cfg.batch_size)

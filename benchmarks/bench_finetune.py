@@ -116,7 +116,9 @@ def transformers_finetune(cfg: train_finetune.FinetuneConfig, same_batches: bool
 
 
 def minibert_finetune(cfg: train_finetune.FinetuneConfig, output_dir: str, extra: list[str]) -> dict:
-    argv = ["--output-dir", output_dir, "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--no-progress", *extra]
+    # No checkpoints between evaluations: the transformers loop it is timed against writes none.
+    argv = ["--output-dir", output_dir, "--epochs", str(cfg.epochs), "--seed", str(cfg.seed), "--save-steps", "0",
+            "--no-progress", *extra]
     start = time.perf_counter()
     results = train_finetune.main(argv)
     wall = time.perf_counter() - start

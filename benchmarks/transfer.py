@@ -29,6 +29,7 @@ import train_finetune
 import train_pretrain
 from minibert.data import movie_reviews
 from minibert.model import BertForPreTraining
+from minibert.pretraining_data import builtin_corpus_documents
 from minibert.tokenizer import load_tokenizer
 
 
@@ -52,9 +53,9 @@ def main(argv=None):
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
     parser.add_argument("--seeds", default="42,1,2", help="fine-tuning seeds; accuracies differ by 1-2 points between seeds")
     parser.add_argument("--label-budgets", default="1000", help="also fine-tune on random subsets of this many labelled examples, e.g. 500,1000,2000")
-    parser.add_argument("--corpus", choices=("builtin", "task"), default="builtin",
+    parser.add_argument("--corpus", choices=("builtin", "task", "builtin+task"), default="builtin",
                         help="builtin: news + Shakespeare; task: the movie-review training sentences, labels unused "
-                             "(task-adaptive pretraining, Gururangan et al. 2020)")
+                             "(task-adaptive pretraining, Gururangan et al. 2020); builtin+task: both in one corpus")
     parser.add_argument("--pretrain-args", default="--no-nsp", help="more train_pretrain.py flags, e.g. --pretrain-args='--no-nsp --mask-prob 0.3' (with the =)")
     parser.add_argument("--runs", default="runs/transfer")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "transfer.json"))
@@ -63,14 +64,18 @@ def main(argv=None):
     runs = Path(args.runs)
 
     corpus = []
-    if args.corpus == "task":  # one sentence a document: the snippets are unrelated to each other
+    if args.corpus != "builtin":
         runs.mkdir(parents=True, exist_ok=True)
         train_sentences, _, _ = movie_reviews("classification")
-        text = "".join(example.text + "\n\n" for example in train_sentences)
-        path = runs / "task-corpus.txt"
-        if not path.exists() or path.read_text(encoding="utf-8") != text:  # rewritten, it would be a new corpus
-            path.write_text(text, encoding="utf-8")
-        corpus = ["--data", str(runs / "task-corpus.txt")]
+        # One sentence a document: the snippets are unrelated to each other.
+        texts = {"task-corpus.txt": "".join(example.text + "\n\n" for example in train_sentences)}
+        if args.corpus == "builtin+task":
+            texts["builtin-corpus.txt"] = "".join("\n".join(doc) + "\n\n" for doc in builtin_corpus_documents())
+        for name, text in texts.items():
+            path = runs / name
+            if not path.exists() or path.read_text(encoding="utf-8") != text:  # rewritten, it would be a new corpus
+                path.write_text(text, encoding="utf-8")
+        corpus = ["--data", *(str(runs / name) for name in sorted(texts))]
 
     start = time.perf_counter()
     pretrain_metrics = train_pretrain.main([*corpus,

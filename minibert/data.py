@@ -2,6 +2,7 @@
 
 The pipeline, in the order of this file:
 
+    infer_task_type(train_path)                                      -> task type, when none is given
     load_examples(path) / movie_reviews() / load_glue(task, dir)    -> list[Example]
     LabelVocab.from_examples(train)                                  -> label <-> id, training labels only
     encode_examples(tokenizer, examples, max_length=..., ...)        -> list[Features], tokenized once
@@ -15,8 +16,9 @@ File formats, told by the extension:
     .csv                 comma-separated with a header row and CSV quoting (a text holding a comma in "quotes").
     .tsv                 tab-separated with a header row, split on tabs only, quotes kept as text:
                          the GLUE convention (its texts hold unbalanced quotes). A file written with CSV
-                         quoting should be saved as .csv.
-    .jsonl / .json       JSON Lines, one object per line; a .json file may instead hold one array of objects.
+                         quoting should be saved as .csv. Blank and whitespace-only lines are skipped.
+    .jsonl / .json       JSON Lines, one object per line; a .json file may instead hold one array of objects,
+                         or one object whose only value is that array ({"data": [...]}).
     token-classification: .jsonl / .json objects with a list of words and a list of tags ("tokens",
                          "tags" by default); any other extension (.conll, .txt, .iob, .tsv ...) is read as
                          CoNLL: one word per line with its tag in the last column, a blank line between
@@ -25,9 +27,10 @@ File formats, told by the extension:
                          an empty cell is an empty set).
 
 Class labels are strings ("1" and 1 are the same label). Their ids come from sorting the training labels,
-not from the order rows happen to be in: integers numerically ("2" before "10", so labels 0..K-1 keep
-their own numbers as ids), anything else alphabetically. Every problem with the input raises a DataError
-with a one-line message that names the file, the line and the fix, before any training starts.
+not from the order rows happen to be in: numbers numerically ("2" before "10", so labels 0..K-1 keep
+their own numbers as ids; "2.0" before "10.0"), anything else alphabetically. Every problem with the input
+raises a DataError with a one-line message that names the file, the line and the fix, before any training
+starts.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 TASK_TYPES = ("classification", "regression", "multilabel", "token-classification")
 MULTILABEL_SEPARATOR = "|"  # joins a multilabel example's labels in one CSV/TSV cell
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+CONLL_SUFFIXES = (".conll", ".iob", ".bio")  # surely CoNLL (token classification reads other suffixes as CoNLL too)
 IGNORE_INDEX = -100  # label of the tokens that take no loss: special tokens and non-first word pieces
 
 
@@ -92,10 +96,16 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                utf8_path = path.with_name(f"{path.stem}.utf8{path.suffix}")
+                if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # the byte order marks of UTF-16
+                    raise DataError(
+                        f"{path} is UTF-16 (it starts with a UTF-16 byte order mark), not UTF-8; re-encode it: "
+                        f"`iconv -f UTF-16 -t UTF-8 {path} > {utf8_path}`"
+                    ) from None
                 raise DataError(
                     f"{path} is not UTF-8: line {lineno}, byte {offset + e.start} is "
                     f"{raw[e.start : e.start + 1]!r}; re-encode it, e.g. "
-                    f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}` "
+                    f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > {utf8_path}` "
                     f"(naming the file's real encoding)"
                 ) from None
             offset += len(raw)
@@ -103,12 +113,14 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _table_rows(path: Path, column_names: Sequence[str] | None) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
-    """The header and the (line number, cells) rows of a .csv or .tsv file; blank lines are skipped."""
+    """The header and the (line number, cells) rows of a .csv or .tsv file; blank and whitespace-only
+    lines are skipped."""
     lines = _utf8_lines(path)
     if path.suffix.lower() == ".csv":
         rows = _csv_rows(path, (line for _, line in lines))
     else:  # TSV: tabs only, no quoting (see the module docstring)
-        rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in lines if line.strip("\r\n"))
+        rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in lines)
+    rows = ((n, cells) for n, cells in rows if len(cells) > 1 or "".join(cells).strip())
     if column_names is not None:
         return list(column_names), rows
     header = next(rows, (0, None))[1]
@@ -121,32 +133,51 @@ def _csv_rows(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, list[str]
     reader = csv.reader(lines)
     try:
         for cells in reader:
-            if cells:
-                yield reader.line_num, cells
+            yield reader.line_num, cells
     except csv.Error as e:
         raise DataError(f"{path} line {reader.line_num}: {e} (a quote that is never closed?)") from None
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """("line N", object) for JSON Lines, or ("record N", object) for a .json file holding one array."""
+    """("line N", object) for JSON Lines, or ("record N", object) for a .json file holding one array
+    (or one object wrapping it, {"data": [...]})."""
     lines = _utf8_lines(path)
-    first = next(lines, None)
-    if first is None:
-        return
-    if path.suffix.lower() == ".json" and first[1].lstrip().startswith("["):
-        try:
-            records = json.loads(first[1] + "".join(line for _, line in lines))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected JSON Lines or one array of objects")
+    head = []  # up to the first non-blank line, whose first character tells an array from JSON Lines
+    for numbered_line in lines:
+        head.append(numbered_line)
+        if numbered_line[1].strip():
+            break
+    lines = chain(head, lines)
+    records = None
+    if path.suffix.lower() == ".json" and head and head[-1][1].lstrip()[:1] in ("[", "{"):
+        text = "".join(line for _, line in lines)  # with the blank lines, so JSON errors give true line numbers
+        records = _json_document_records(path, text)
+        lines = enumerate(text.split("\n"), 1)  # read as JSON Lines when it is not one document
+    if records is not None:
         numbered = ((f"record {n}", record) for n, record in enumerate(records, 1))
     else:
-        numbered = ((f"line {n}", _json_line(path, n, line)) for n, line in chain([first], lines) if line.strip())
+        numbered = ((f"line {n}", _json_line(path, n, line)) for n, line in lines if line.strip())
     for where, record in numbered:
         if not isinstance(record, dict):
             raise DataError(f"{path} {where}: expected a JSON object, found {type(record).__name__}")
         yield where, record
+
+
+def _json_document_records(path: Path, text: str) -> list | None:
+    """The records of a .json file holding one array, or one object whose only value is the array
+    ({"data": [...]}, as some exporters write); None when the file is JSON Lines."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path} is not valid JSON: {e}") from None
+        return None  # several objects, one per line
+    if isinstance(document, list):
+        return document
+    values = list(document.values())
+    if len(values) == 1 and isinstance(values[0], list) and all(isinstance(record, dict) for record in values[0]):
+        return values[0]
+    return None  # a single object: JSON Lines of one line
 
 
 def _json_line(path: Path, lineno: int, line: str):
@@ -156,16 +187,16 @@ def _json_line(path: Path, lineno: int, line: str):
         raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg}); write one object per line") from None
 
 
-def _conll_sentences(path: Path, require_labels: bool) -> Iterator[Example]:
-    """Sentences of a CoNLL file: `word ... tag` lines, blank lines between sentences."""
-    sentence: list[tuple[str, str | None]] = []
+def _conll_sentences(path: Path, require_labels: bool) -> Iterator[tuple[str, Example]]:
+    """("line N", sentence) of a CoNLL file: `word ... tag` lines, blank lines between sentences."""
+    sentence: list[tuple[int, str, str | None]] = []
     for lineno, line in chain(_utf8_lines(path), [(0, "")]):  # the blank line after the end ends the last sentence
         line = line.rstrip()
         cells = line.split("\t") if "\t" in line else line.split()
         if not line or cells[0] == "-DOCSTART-":
             if sentence:
-                words, tags = zip(*sentence)
-                yield Example(list(words), None, None if tags[0] is None else list(tags))
+                linenos, words, tags = zip(*sentence)
+                yield f"line {linenos[0]}", Example(list(words), None, None if tags[0] is None else list(tags))
                 sentence = []
             continue
         if not cells[0].strip() or (len(cells) < 2 and require_labels) or (len(cells) > 1 and not cells[-1].strip()):
@@ -174,9 +205,9 @@ def _conll_sentences(path: Path, require_labels: bool) -> Iterator[Example]:
                 f"{line!r}; put one word per line, its tag in the last column, a blank line between sentences"
             )
         tag = cells[-1].strip() if len(cells) > 1 else None
-        if sentence and (tag is None) != (sentence[0][1] is None):
+        if sentence and (tag is None) != (sentence[0][2] is None):
             raise DataError(f"{path} line {lineno}: some words of this sentence have a tag and some do not")
-        sentence.append((cells[0].strip(), tag))
+        sentence.append((lineno, cells[0].strip(), tag))
 
 
 def _flag(param: str) -> str:
@@ -184,17 +215,35 @@ def _flag(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
+def _finite_number(value) -> float | None:
+    """A label as a float when it is a finite number, or a string of one (" 0.25"); else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _class_label(value, where: str) -> str:
-    """A class name from a cell or JSON value: strings as they are (stripped), integers as digits."""
+    """A class name from a cell or JSON value: strings as they are (stripped), numbers as Python writes them.
+
+    A JSON number names its class by value, not by spelling: 1.0 is the class "1", like 1, because
+    writers do not keep the spelling (pandas writes an integer column with a missing value as 1.0,
+    JavaScript writes 1.0 as 1). A CSV cell is text and keeps its spelling: "1.0" stays "1.0".
+    """
     if isinstance(value, str) and value.strip():
         return value.strip()
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if isinstance(value, float) and math.isfinite(value):
+        return str(value)  # 0.25 -> "0.25", the class a CSV cell "0.25" names
     if isinstance(value, list):
         raise DataError(f"{where}: the label is a list {value!r}; a set of labels needs --task-type multilabel")
-    raise DataError(f"{where}: {value!r} is not a class label; use a non-empty string or an integer")
+    raise DataError(f"{where}: {value!r} is not a class label; use a non-empty string or a number")
 
 
 def _parse_label(value, task_type: str, where: str):
@@ -202,11 +251,8 @@ def _parse_label(value, task_type: str, where: str):
     if task_type == "classification":
         return _class_label(value, where)
     if task_type == "regression":
-        try:
-            target = float(value)
-        except (TypeError, ValueError):
-            target = math.nan
-        if isinstance(value, bool) or not math.isfinite(target):
+        target = _finite_number(value)
+        if target is None:
             raise DataError(
                 f"{where}: regression label {value!r} is not a finite number; check --label-column, "
                 f"or use --task-type classification for class names"
@@ -247,9 +293,9 @@ def load_examples(
 
     text_column / label_column default to "text" / "label", or "tokens" / "tags" for token classification
     (CoNLL files have no column names). require_labels=False reads an unlabelled (test) file: without
-    the label column, or with an empty label, an example gets label None. column_names names the
-    columns of a CSV/TSV file that has no header row. flag is the command-line option that gave `path`,
-    named in the error when the file does not exist.
+    the label column, or with an empty label, an example gets label None; some examples with a label
+    and some without are an error. column_names names the columns of a CSV/TSV file that has no header
+    row. flag is the command-line option that gave `path`, named in the error when the file does not exist.
     """
     _check_task_type(task_type)
     path = Path(path)
@@ -262,22 +308,32 @@ def load_examples(
         "label_column": label_column or ("tags" if token_task else "label"),
     }
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        examples = _json_examples(path, task_type, columns, require_labels)
+    if suffix in JSON_SUFFIXES:
+        numbered = _json_examples(path, task_type, columns, require_labels)
     elif token_task:
-        examples = list(_conll_sentences(path, require_labels))
+        numbered = list(_conll_sentences(path, require_labels))
     elif suffix in (".csv", ".tsv"):
-        examples = _table_examples(path, task_type, columns, require_labels, column_names)
+        numbered = _table_examples(path, task_type, columns, require_labels, column_names)
+    elif suffix in CONLL_SUFFIXES:
+        raise DataError(f"{path} is a CoNLL file, a tag per word: pass --task-type token-classification")
     else:
         raise DataError(
-            f"cannot tell the format of {path} from its extension {suffix!r}: use .csv, .tsv, .jsonl or .json"
+            f"cannot tell the format of {path} from its extension {suffix!r}: use .csv, .tsv, .jsonl or .json, "
+            f"or for a CoNLL file (a word and its tag per line) pass --task-type token-classification"
         )
-    if not examples:
+    if not numbered:
         raise DataError(f"{path} has no examples (is it empty, or only a header?)")
-    return examples
+    unlabelled = next((where for where, example in numbered if example.label is None), None)
+    labelled = next((where for where, example in numbered if example.label is not None), None)
+    if unlabelled and labelled:  # scoring some test examples and only predicting others is surely a mistake
+        raise DataError(
+            f"{path} mixes labelled and unlabelled examples: {unlabelled} has no label but {labelled} has one; "
+            f"fill in every label, or leave the label column out entirely to only get predictions"
+        )
+    return [example for _, example in numbered]
 
 
-def _table_examples(path, task_type, columns, require_labels, column_names) -> list[Example]:
+def _table_examples(path, task_type, columns, require_labels, column_names) -> list[tuple[str, Example]]:
     header, rows = _table_rows(path, column_names)
     label_column = columns["label_column"]
     wanted = columns if require_labels else {k: v for k, v in columns.items() if k != "label_column"}
@@ -300,16 +356,17 @@ def _table_examples(path, task_type, columns, require_labels, column_names) -> l
                 label = _parse_label(cell, task_type, where)
             elif require_labels:
                 raise DataError(f"{where}: empty label in column {label_column!r}")
-        examples.append(Example(cells[text_at], cells[pair_at] if pair_at is not None else None, label))
+        pair = cells[pair_at] if pair_at is not None else None
+        examples.append((f"line {n}", Example(cells[text_at], pair, label)))
     return examples
 
 
-def _json_examples(path, task_type, columns, require_labels) -> list[Example]:
+def _json_examples(path, task_type, columns, require_labels) -> list[tuple[str, Example]]:
     text_column, pair_column, label_column = columns.values()
     wanted = columns if require_labels else {k: v for k, v in columns.items() if k != "label_column"}
     examples = []
-    for where, record in _json_records(path):
-        where = f"{path} {where}"
+    for position, record in _json_records(path):
+        where = f"{path} {position}"
         _check_columns(list(record), wanted, where)
         label = record.get(label_column)
         if label is None and require_labels:
@@ -317,15 +374,21 @@ def _json_examples(path, task_type, columns, require_labels) -> list[Example]:
         if task_type == "token-classification":
             example = _token_example(record[text_column], label, where)
             if example.text:  # an empty sentence has nothing to learn or predict
-                examples.append(example)
+                examples.append((position, example))
             continue
         text = _text(record[text_column], where, text_column)
         pair = _text(record[pair_column], where, pair_column) if pair_column else None
-        examples.append(Example(text, pair, None if label is None else _parse_label(label, task_type, where)))
+        label = None if label is None else _parse_label(label, task_type, where)
+        examples.append((position, Example(text, pair, label)))
     return examples
 
 
 def _text(value, where: str, column: str) -> str:
+    if isinstance(value, list):
+        raise DataError(
+            f"{where}: {column!r} holds a list, not a text; a list of words is token classification: "
+            f"pass --task-type token-classification"
+        )
     if not isinstance(value, str):
         raise DataError(f"{where}: {column!r} must be a string, found {value!r}")
     return value
@@ -342,15 +405,83 @@ def _token_example(words, tags, where: str) -> Example:
     return Example(words, None, [_class_label(tag, where) for tag in tags])
 
 
+_DEFAULT_TASK = ("classification", "default")
+
+
+def infer_task_type(
+    path: str | Path, *, text_column: str | None = None, label_column: str | None = None
+) -> tuple[str, str]:
+    """The task type a training file looks like, and why (for a log line), when the user gives none.
+
+    A CoNLL file (a suffix in CONLL_SUFFIXES) or JSON whose text column ("text", else "tokens") holds
+    word lists: token-classification. JSON labels that are lists: multilabel. Labels that are all numbers,
+    one at least with a fraction: regression. Anything else: classification, also for "|" in a CSV cell
+    (a multilabel separator or part of a class name?) and for other suffixes, which load_examples reads
+    only as CoNLL but which a plain text file is as likely to have. A file this cannot read gives
+    ("classification", "default"), so that load_examples raises its usual error.
+    """
+    path, label_column = Path(path), label_column or "label"
+    suffix = path.suffix.lower()
+    try:
+        if not path.is_file():
+            return _DEFAULT_TASK
+        if suffix in CONLL_SUFFIXES:
+            return "token-classification", f"a {suffix} file"
+        if suffix in JSON_SUFFIXES:
+            return _json_task_type(path, text_column, label_column)
+        if suffix in (".csv", ".tsv"):
+            header, rows = _table_rows(path, None)
+            if label_column not in header:
+                return _DEFAULT_TASK
+            at = header.index(label_column)
+            return _labels_task_type(cells[at] for _, cells in rows if len(cells) > at and cells[at].strip())
+    except (DataError, OSError):
+        pass
+    return _DEFAULT_TASK
+
+
+def _json_task_type(path: Path, text_column: str | None, label_column: str) -> tuple[str, str]:
+    records = (record for _, record in _json_records(path))
+    first = next(records, None)
+    if first is None:
+        return _DEFAULT_TASK
+    text_column = text_column or ("tokens" if "text" not in first and "tokens" in first else "text")
+    words = first.get(text_column)
+    if isinstance(words, list) and all(isinstance(word, str) for word in words):
+        return "token-classification", f"the {text_column!r} field holds word lists"
+    labels = []
+    for record in chain([first], records):
+        label = record.get(label_column)
+        if isinstance(label, list):
+            return "multilabel", "the labels are JSON lists"
+        if label is not None:
+            labels.append(label)
+    return _labels_task_type(labels)
+
+
+def _labels_task_type(labels: Iterable) -> tuple[str, str]:
+    """Regression when every label is a number and one at least has a fraction (a score), else classification."""
+    any_label = any_fraction = False
+    for label in labels:
+        number = _finite_number(label)
+        if number is None:
+            return "classification", "the labels are not all numbers"
+        any_label = True
+        any_fraction = any_fraction or not number.is_integer()
+    if any_fraction:
+        return "regression", "the labels are numbers with fractions"
+    return ("classification", "the labels are whole numbers") if any_label else _DEFAULT_TASK
+
+
 # ---------------------------------------------------------------------------------------------------
 # Labels
 
 
 def _sorted_labels(labels: Iterable[str]) -> list[str]:
-    labels = set(labels)
-    if all(re.fullmatch(r"-?\d+", label) for label in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
+    numbers = {label: _finite_number(label) for label in labels}
+    if None not in numbers.values():
+        return sorted(numbers, key=lambda label: (numbers[label], label))  # "1" and "1.0": one fixed order
+    return sorted(numbers)
 
 
 def _label_lists(examples: Sequence[Example], task_type: str) -> list[list[str]]:
@@ -404,9 +535,11 @@ class LabelVocab:
         unseen = set(labels) - self.label2id.keys()
         if unseen:
             known = ", ".join(map(repr, self.labels[:20])) + (", ..." if len(self.labels) > 20 else "")
+            scores = _labels_task_type(unseen)[0] == "regression"
             raise DataError(
                 f"{source} has labels the training data does not: {', '.join(map(repr, _sorted_labels(unseen)))} "
                 f"(known: {known}); correct them, or add training examples of them"
+                + ("; if the labels are scores, pass --task-type regression" if scores else "")
             )
         return [self.label2id[label] for label in labels]
 
@@ -571,7 +704,11 @@ def encode_examples(
     if any((ex.text_pair is not None) != pairs for ex in examples):
         raise DataError(f"{source} mixes examples with and without a text pair")
     if any((ex.label is not None) != labelled for ex in examples):
-        raise DataError(f"{source} mixes labelled and unlabelled examples")
+        unlabelled = next(i for i, ex in enumerate(examples) if ex.label is None)
+        raise DataError(
+            f"{source} mixes labelled and unlabelled examples: example {unlabelled + 1} has no label; "
+            f"fill in every label, or leave them all out to only get predictions"
+        )
     if labelled and task_type != "regression" and label_vocab is None:
         raise ValueError(f"{task_type} needs a label_vocab to turn labels into ids")
 

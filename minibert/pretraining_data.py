@@ -140,7 +140,7 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as err:
         raise CorpusError(
             f"{path} is not UTF-8 (byte {err.start}): re-encode it, e.g. "
-            f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
+            f"`iconv -f latin1 -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}`"
         ) from None
 
 

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -57,7 +58,20 @@ def parse_settings(cls, argv: list[str] | None, doc: str):
             kind = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
             default = "" if f.default is None else f" (default {f.default})"
             parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(), help=help + default)
-    return cls(**vars(parser.parse_args(argv)))
+    settings = cls(**vars(parser.parse_args(argv)))
+    # Which flags were typed: --resume takes the others from the run it continues (settings_to_resume).
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    settings.given_flags = frozenset(vars(parser.parse_args(argv)))
+    return settings
+
+
+def check_counts(settings, at_least_one: tuple[str, ...] = (), at_least_zero: tuple[str, ...] = ()) -> None:
+    """One-line errors for counts out of range (--batch-size 0 would otherwise fail deep inside)."""
+    for names, least in ((at_least_one, 1), (at_least_zero, 0)):
+        for name in names:
+            if getattr(settings, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(settings, name)}")
 
 
 def run_cli(main) -> None:
@@ -65,7 +79,7 @@ def run_cli(main) -> None:
     run with its one-line message and exit status 1 instead of a traceback."""
     try:
         main()
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -112,8 +126,15 @@ def setup_distributed(device: str | None = None) -> Distributed:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device torch knows: use cuda, cuda:N or cpu") from None
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no CUDA GPU here (or is a CPU build): use --device cpu")
+        if dev.index is None:  # "cuda": this process's GPU under torchrun, the first one otherwise
+            dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
@@ -303,10 +324,7 @@ class Trainer:
         self.dist.barrier()
 
     def find_checkpoint(self) -> Path | None:
-        for candidate in (self.checkpoint_dir, self.output_dir / f".{self.CHECKPOINT}.old"):
-            if (candidate / "training_state.pt").is_file():  # .old survives a kill between the two renames
-                return candidate
-        return None
+        return find_checkpoint(self.output_dir)
 
     def resume(self) -> TrainState:
         """Restore model, optimizer, scheduler and RNGs from DIR/checkpoint; returns the saved TrainState."""
@@ -348,6 +366,100 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def find_checkpoint(output_dir: str | Path) -> Path | None:
+    """DIR/checkpoint, or DIR/.checkpoint.old, which survives a kill between save_checkpoint's two renames."""
+    for candidate in (Path(output_dir) / Trainer.CHECKPOINT, Path(output_dir) / f".{Trainer.CHECKPOINT}.old"):
+        if (candidate / "training_state.pt").is_file():
+            return candidate
+    return None
+
+
+# Settings a resumed run may change: they say how to run or report, not what is trained.
+RESUME_MAY_CHANGE = frozenset({"resume", "progress", "device", "compile", "eval_batch_size", "eval_steps", "eval_batches",
+                               "save_steps", "early_stopping"})
+
+
+def _saved_settings(checkpoint: Path) -> dict | None:
+    path = checkpoint / "run_config.json"  # None: a checkpoint of an older minibert, nothing to compare with
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _changed_settings(settings, saved: dict, given: frozenset | None) -> list[str]:
+    """The typed settings (all of them when `given` is None) that differ from the run's, as flags."""
+    return [f"--{f.name.replace('_', '-')} {getattr(settings, f.name)} (the run has {saved[f.name]})"
+            for f in dataclasses.fields(settings)
+            if f.name in saved and f.name not in RESUME_MAY_CHANGE and (given is None or f.name in given)
+            and getattr(settings, f.name) != saved[f.name]]
+
+
+def settings_to_resume(settings, output_dir: str | Path) -> None:
+    """--resume continues a run as it was started: the settings saved with its checkpoint fill in every flag
+    not typed again, and a typed flag that would change what is trained is an error, not a silent splice
+    (a new --max-steps would bend the schedule; new data would be trained under the old labels)."""
+    output_dir = Path(output_dir)
+    checkpoint = find_checkpoint(output_dir)
+    if checkpoint is None:
+        if (output_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"--resume: the run in {output_dir} has finished (a finished run keeps no checkpoint), so there is "
+                f"nothing to continue; to train it further, start a new run with --init {output_dir}")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {output_dir} (expected {output_dir / Trainer.CHECKPOINT}/training_state.pt); "
+            "drop --resume to start a new run, or pass the --output-dir of the run to continue")
+    saved = _saved_settings(checkpoint)
+    if saved is None:
+        return
+    given = getattr(settings, "given_flags", None)  # None: settings built in Python, every field was chosen
+    changed = _changed_settings(settings, saved, given)
+    if changed:
+        raise ValueError(f"--resume continues the run in {output_dir} as it was started, but {'; '.join(changed)}: "
+                         "drop those flags to continue it, or start a new run in another --output-dir")
+    for f in dataclasses.fields(settings):
+        if f.name in saved and f.name not in RESUME_MAY_CHANGE:
+            setattr(settings, f.name, saved[f.name])
+
+
+def start_output_dir(settings) -> None:
+    """Keep a new run from mixing with an old one in --output-dir. Where a killed run left its checkpoint,
+    the same command again continues it (as --resume would), and a changed one stops with an error rather
+    than throw that work away. Sets settings.resume when it continues a run."""
+    output_dir = Path(settings.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--output-dir {output_dir} is a file: give a folder (it is created if missing)")
+    if settings.resume:
+        return settings_to_resume(settings, output_dir)
+    checkpoint = find_checkpoint(output_dir)
+    if checkpoint is not None:
+        saved = _saved_settings(checkpoint)
+        changed = ["its settings are unknown"] if saved is None else _changed_settings(settings, saved, None)
+        if changed:
+            raise FileExistsError(
+                f"--output-dir {output_dir} holds an unfinished run, and this one differs ({'; '.join(changed)}): "
+                f"add --resume to continue that run, choose another --output-dir, or delete {checkpoint} to start over")
+        logging.getLogger("minibert").info(
+            "minibert: continuing the unfinished run in %s, started with these settings (delete %s to start over)",
+            output_dir, checkpoint)
+        settings.resume = True
+
+
+def remove_earlier_results(output_dir: str | Path, results: tuple[str, ...]) -> None:
+    """A new run in the folder of a finished one removes that run's result files once its own input has
+    passed every check, so that none of them can be taken for the new run's (its model is overwritten)."""
+    stale = [Path(output_dir) / name for name in results if (Path(output_dir) / name).is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        logging.getLogger("minibert").info("minibert: replacing the earlier run in %s", output_dir)
+
+
+def check_attention_backend(attn_impl: str | None, device: torch.device) -> None:
+    """--attn-impl triton where it cannot run fails now, not at the first forward pass after data loading."""
+    if attn_impl == "triton" and not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        from minibert.kernels import NO_DEVICE_MESSAGE
+
+        raise ValueError(f"--attn-impl triton: {NO_DEVICE_MESSAGE}")
 
 
 def rng_state() -> dict:

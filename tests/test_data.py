@@ -1,6 +1,7 @@
 """Fine-tuning data: readers, errors, labels, tokenization, batching and the built-in tasks."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from minibert.data import (
     encode_examples,
     eval_batches,
     in_original_order,
+    infer_task_type,
     load_examples,
     load_glue,
     movie_reviews,
@@ -72,6 +74,30 @@ def test_jsonl_and_json_array(tmp_path):
     assert load_examples(write(tmp_path, "c.json", array), task_type="classification") == expected
 
 
+def test_json_array_after_blank_lines_and_wrapped_in_an_object(tmp_path):
+    expected = [Example("good", None, "1"), Example("bad", None, "0")]
+    array = '\n  \n[{"text": "good", "label": 1},\n {"text": "bad", "label": 0}]\n'
+    assert load_examples(write(tmp_path, "a.json", array), task_type="classification") == expected
+    wrapped = '{"data": [\n  {"text": "good", "label": 1},\n  {"text": "bad", "label": 0}\n]}\n'
+    assert load_examples(write(tmp_path, "b.json", wrapped), task_type="classification") == expected
+    # One field holding a list of words is one record, not a wrapper: the list holds no objects.
+    sentence = write(tmp_path, "c.json", '{"tokens": ["EU", "rejects"]}\n')
+    assert load_examples(sentence, task_type="token-classification", require_labels=False) == [
+        Example(["EU", "rejects"])
+    ]
+    # The blank lines count in the line numbers of a JSON error: the stray comma is on line 3.
+    with pytest.raises(DataError, match=r"d\.json is not valid JSON: .*line 3 column 15"):
+        load_examples(write(tmp_path, "d.json", '\n\n[{"text": "a",}]\n'), task_type="classification")
+
+
+def test_whitespace_only_table_lines_are_skipped(tmp_path):
+    csv_path = write(tmp_path, "train.csv", "text,label\na,1\n   \nb,0\n\t\n")
+    assert load_examples(csv_path, task_type="classification") == [Example("a", None, "1"), Example("b", None, "0")]
+    tsv_path = write(tmp_path, "train.tsv", "text\tlabel\n \na\t1\n  \r\nb\tx\t0\n")
+    with pytest.raises(DataError, match=r"train\.tsv line 5 has 3 fields"):  # the skipped lines still count
+        load_examples(tsv_path, task_type="classification")
+
+
 def test_regression_labels(tmp_path):
     path = write(tmp_path, "train.csv", "text,score\na,3.5\nb,-1e-1\n")
     examples = load_examples(path, task_type="regression", label_column="score")
@@ -114,6 +140,19 @@ def test_conll(tmp_path):
     ]
 
 
+def test_test_file_mixing_labelled_and_unlabelled_names_the_first_unlabelled(tmp_path):
+    fix = r"fill in every label, or leave the label column out entirely to only get predictions"
+    csv_path = write(tmp_path, "test.csv", "text,label\na,pos\nb,\nc,neg\n")
+    with pytest.raises(DataError, match=rf"test\.csv mixes labelled .*: line 3 has no label but line 2 has one; {fix}"):
+        load_examples(csv_path, task_type="classification", require_labels=False)
+    jsonl = write(tmp_path, "test.jsonl", '{"text": "a"}\n\n{"text": "b", "label": 0.5}\n')
+    with pytest.raises(DataError, match=r"test\.jsonl mixes .*: line 1 has no label but line 3 has one"):
+        load_examples(jsonl, task_type="regression", require_labels=False)
+    conll = write(tmp_path, "test.conll", "EU B-ORG\nrejects O\n\nPeter\nBlackburn\n")
+    with pytest.raises(DataError, match=r"test\.conll mixes .*: line 4 has no label but line 1 has one"):
+        load_examples(conll, task_type="token-classification", require_labels=False)
+
+
 def test_token_jsonl(tmp_path):
     text = (
         '{"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}\n'
@@ -122,6 +161,59 @@ def test_token_jsonl(tmp_path):
     )
     examples = load_examples(write(tmp_path, "train.jsonl", text), task_type="token-classification")
     assert examples == [Example(["EU", "rejects"], None, ["B-ORG", "O"]), Example(["x"], None, ["3"])]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Task type inference
+
+
+SCORES = "regression", "the labels are numbers with fractions"
+WHOLE_NUMBERS = "classification", "the labels are whole numbers"
+NOT_NUMBERS = "classification", "the labels are not all numbers"
+
+
+@pytest.mark.parametrize(
+    "name, text, columns, expected",
+    [
+        ("train.conll", "EU B-ORG\nrejects O\n", {}, ("token-classification", "a .conll file")),
+        ("train.jsonl", '{"tokens": ["EU"], "tags": ["B-ORG"]}\n', {},
+         ("token-classification", "the 'tokens' field holds word lists")),
+        ("train.json", '[{"text": ["EU"], "label": ["B"]}]', {},
+         ("token-classification", "the 'text' field holds word lists")),
+        ("train.jsonl", '{"words": [], "label": 1}\n', {"text_column": "words"},
+         ("token-classification", "the 'words' field holds word lists")),
+        ("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": ["x", "y"]}\n', {},
+         ("multilabel", "the labels are JSON lists")),
+        ("train.jsonl", '{"text": "a", "label": 3}\n{"text": "b", "label": 3.7}\n', {}, SCORES),
+        ("train.csv", "text,label\na,0.25\nb,-1.5\nc,2\n", {}, SCORES),
+        ("train.tsv", "text\tscore\na\t1\nb\t1e-1\n", {"label_column": "score"}, SCORES),
+        ("train.csv", "text,label\na,1\nb,2\nc,5\nd,1.0\n", {}, WHOLE_NUMBERS),
+        ("train.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n', {}, WHOLE_NUMBERS),
+        ("train.csv", "text,label\na,0.5\nb,x|y\n", {}, NOT_NUMBERS),
+        ("train.jsonl", '{"text": "a", "label": 0.5}\n{"text": "b", "label": true}\n', {}, NOT_NUMBERS),
+    ],
+)  # fmt: skip
+def test_infer_task_type(tmp_path, name, text, columns, expected):
+    assert infer_task_type(write(tmp_path, name, text), **columns) == expected
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("missing.csv", None),
+        ("train.txt", "EU B-ORG\n"),  # CoNLL or a plain text? Loading says which to pass
+        ("train.csv", "text,stars\na,0.5\n"),  # no label column
+        ("train.csv", "text,label\n"),  # no labels
+        ("train.jsonl", '{"text": "a", "label": 0.5}\n{"text": "b", label: 1}\n'),  # not JSON
+        ("train.json", '[{"text": "a", "label": 0.5},'),  # not JSON
+        ("train.csv", "text,label\n\"a,0.5\n"),  # a quote never closed
+    ],
+)
+def test_infer_task_type_defaults_to_classification_on_files_it_cannot_read(tmp_path, name, text):
+    path = tmp_path / name if text is None else write(tmp_path, name, text)
+    assert infer_task_type(path) == ("classification", "default")
+    latin1 = write(tmp_path, "latin1.csv", "text,label\ncaf\u00e9,0.5\n", encoding="latin-1")
+    assert infer_task_type(latin1) == ("classification", "default")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,7 +245,18 @@ def test_empty_dataset(tmp_path, name, text):
 def test_not_utf8_names_line_byte_and_iconv(tmp_path):
     path = write(tmp_path, "train.tsv", "text\tlabel\ncaf\u00e9 ok\t1\nna\u00efve\t0\n", encoding="latin-1")
     # "text\tlabel\n" is 11 bytes and "caf" 3 more: the bad byte \xe9 is byte 14, on line 2.
-    with pytest.raises(DataError, match=r"not UTF-8: line 2, byte 14 is b'\\xe9'.*iconv -f"):
+    # iconv writes next to the file, not into the current directory.
+    utf8_path = re.escape(str(tmp_path / "train.utf8.tsv"))
+    with pytest.raises(DataError, match=rf"not UTF-8: line 2, byte 14 is b'\\xe9'.*WINDOWS-1252 .*> {utf8_path}`"):
+        load_examples(path, task_type="classification")
+
+
+@pytest.mark.parametrize("bom, encoding", [(b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")])
+def test_utf16_is_named_with_its_iconv(tmp_path, bom, encoding):
+    path = tmp_path / "train.csv"
+    path.write_bytes(bom + "text,label\na,1\n".encode(encoding))
+    command = re.escape(f"`iconv -f UTF-16 -t UTF-8 {path} > {tmp_path / 'train.utf8.csv'}`")
+    with pytest.raises(DataError, match=rf"train\.csv is UTF-16 .*; re-encode it: {command}$"):
         load_examples(path, task_type="classification")
 
 
@@ -184,7 +287,19 @@ def test_malformed_conll_line(tmp_path):
         ("a.jsonl", '{"text": "a", "label": ["x", "y"]}\n', "classification", r"needs --task-type multilabel"),
         ("a.jsonl", '{"text": "a", "label": null}\n', "classification", r"'label' is null"),
         ("a.csv", "text,label\na,\n", "classification", r"line 2: empty label in column 'label'"),
-        ("a.txt", "text\tlabel\n", "classification", r"cannot tell the format .*\.txt.*use \.csv, \.tsv"),
+        (
+            "a.txt",
+            "text\tlabel\n",
+            "classification",
+            r"cannot tell the format .*\.txt.*use \.csv, \.tsv.*CoNLL .*--task-type token-classification",
+        ),
+        ("a.conll", "EU B-ORG\n", "classification", r"a\.conll is a CoNLL file.*pass --task-type token-classification"),
+        (
+            "a.jsonl",
+            '{"text": ["EU", "rejects"], "label": "x"}\n',
+            "classification",
+            r"line 1: 'text' holds a list.*pass --task-type token-classification",
+        ),
         ("a.jsonl", '{"tokens": ["a", "b"], "tags": ["O"]}\n', "token-classification", r"2 words but 1 tags"),
         ("a.tsv", "text\tlabel\na\tb\t1\n", "classification", r"line 2 has 3 fields .* cannot hold one"),
     ],
@@ -218,6 +333,23 @@ def test_label_vocab_sorts_integers_numerically_and_strings_alphabetically():
     assert multi.labels == ["a", "x"]
 
 
+def test_label_vocab_sorts_every_kind_of_number_numerically():
+    def sorted_labels(labels):
+        return LabelVocab.from_examples([Example("a", None, label) for label in labels], "classification").labels
+
+    assert sorted_labels(["1.0", "10.0", "2.0", "0.0"]) == ["0.0", "1.0", "2.0", "10.0"]
+    assert sorted_labels(["10", "-1.5", "1.0", "1", "0.5"]) == ["-1.5", "0.5", "1", "1.0", "10"]  # 1 = 1.0: by spelling
+    assert sorted_labels(["10", "2", "nan"]) == ["10", "2", "nan"]  # not a finite number: all alphabetically
+
+
+def test_json_number_labels_are_named_by_value(tmp_path):
+    text = '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0.25}\n{"text": "c", "label": 2}\n'
+    examples = load_examples(write(tmp_path, "train.jsonl", text), task_type="classification")
+    assert [ex.label for ex in examples] == ["1", "0.25", "2"]  # 1.0 is the class "1" (see _class_label)
+    csv_path = write(tmp_path, "train.csv", "text,label\na,1.0\n")
+    assert load_examples(csv_path, task_type="classification")[0].label == "1.0"  # a cell keeps its spelling
+
+
 def test_label_vocab_from_id2label_keeps_ids():
     vocab = LabelVocab.from_id2label({"1": "pos", "0": "neg", "2": "neutral"})
     assert vocab.labels == ["neg", "pos", "neutral"]
@@ -236,8 +368,23 @@ def test_unseen_labels_are_all_named_with_the_file():
         vocab.encode(["positive", "postive", "neutral", "postive"], source="dev.csv")
 
 
+def test_unseen_score_labels_suggest_regression():
+    vocab = LabelVocab(["0.5", "1"])
+    hint = "add training examples of them; if the labels are scores, pass --task-type regression$"
+    with pytest.raises(DataError, match=rf"'0.75', '2' .*{hint}"):
+        vocab.encode(["0.75", "2", "1"], source="dev.csv")
+    with pytest.raises(DataError, match=r"add training examples of them$"):  # whole numbers: no hint
+        vocab.encode(["2"], source="dev.csv")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tokenization
+
+
+def test_encode_mixed_labels_names_the_first_unlabelled(tokenizer):
+    examples = [Example("a"), Example("b", None, "x"), Example("c")]
+    with pytest.raises(DataError, match=r"the test data mixes .*: example 1 has no label; fill in every label"):
+        encode_examples(tokenizer, examples, max_length=8, task_type="classification", source="the test data")
 
 
 def test_encode_single_and_pair_keep_token_types(tokenizer):

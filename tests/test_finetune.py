@@ -196,12 +196,79 @@ def test_killed_and_resumed_run_equals_uninterrupted(tiny_init_dir, tmp_path):
     stopped = run(tiny_init_dir, tmp_path / "b", *args, _stop_after_steps=5)  # killed after step 5
     assert stopped == {"stopped_at": 5}
     assert (tmp_path / "b" / "out" / "checkpoint" / "training_state.pt").is_file()  # saved at step 4
-    run(tiny_init_dir, tmp_path / "b", *args, "--resume")
+    # --output-dir and --resume are enough: the run's settings (data, labels, schedule) come from its checkpoint.
+    train_finetune.main(["--output-dir", str(tmp_path / "b" / "out"), "--resume", "--no-progress"])
     a, b = (load_file(tmp_path / d / "out" / "model.safetensors") for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "out" / "metrics.jsonl").read_text().splitlines()  # noqa: E731
                         if json.loads(line)["split"] == "train"]
     assert losses("a") == losses("b")  # the steps logged after the checkpoint, before the kill, are dropped
+
+
+def test_the_same_command_continues_a_killed_run_and_a_changed_one_is_refused(tiny_init_dir, tmp_path):
+    """Rerunning the command of a killed run continues it; --resume with a flag that changes the training,
+    or a new run with other settings in its folder, is a one-line error. Without an evaluation in sight,
+    --save-steps still leaves a checkpoint."""
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
+    args = ["--train-file", train, "--validation-file", train, "--max-steps", 6, "--save-steps", 2, "--dropout", 0.1]
+    run(tiny_init_dir, tmp_path / "a", *args)
+    run(tiny_init_dir, tmp_path / "b", *args, _stop_after_steps=5)  # no evaluation before step 6
+    out = tmp_path / "b" / "out"
+    assert json.loads((out / "checkpoint" / "run_config.json").read_text())["max_steps"] == 6  # saved at step 4
+    with pytest.raises(ValueError, match=r"--max-steps 8 \(the run has 6\).*another --output-dir") as err:
+        train_finetune.main(["--output-dir", str(out), "--resume", "--max-steps", "8"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileExistsError, match=r"holds an unfinished run, and this one differs \(--lr 0.002 .*add --resume"):
+        run(tiny_init_dir, tmp_path / "b", *args, "--lr", "2e-3")  # a new start would throw the checkpoint away
+    run(tiny_init_dir, tmp_path / "b", *args)  # the same command again continues the killed run
+    a, b = (load_file(tmp_path / d / "out" / "model.safetensors") for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError, match="has finished .*--init"):
+        train_finetune.main(["--output-dir", str(out), "--resume"])
+
+
+def test_new_run_in_a_finished_runs_folder_leaves_none_of_its_results(tiny_init_dir, tmp_path):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
+    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--test-file", train, "--max-steps", 2)
+    assert (tmp_path / "out" / "predictions.jsonl").is_file()
+    with pytest.raises(DataError, match="no such file"):  # bad input stops the new run before it touches the old one's files
+        run(tiny_init_dir, tmp_path, "--train-file", tmp_path / "missing.csv", "--validation-file", train)
+    assert (tmp_path / "out" / "predictions.jsonl").is_file()
+    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 2)  # no test file
+    assert not (tmp_path / "out" / "predictions.jsonl").exists() and not (tmp_path / "out" / "test_results.json").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file: give a folder"):
+        train_finetune.main(["--output-dir", str(tmp_path / "file")])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--max-steps", "-1"], "--max-steps must be at least 0, got -1"),
+    (["--device", "gpu"], "--device gpu is not a device torch knows"),
+    (["--attn-impl", "triton", "--device", "cpu"], "--attn-impl triton: .*needs a CUDA GPU"),
+])
+def test_bad_settings_are_one_line_errors_before_anything_is_written(tiny_init_dir, tmp_path, flags, message, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(8))
+    with pytest.raises(ValueError, match=message) as err:
+        run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, *flags)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_one_line_error():
+    from minibert.training import setup_distributed
+
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=f"--device {device}: torch sees no CUDA GPU here .*--device cpu"):
+            setup_distributed(device)
+
+
+def test_one_label_only_is_an_error(tiny_init_dir, tmp_path):
+    train = write_csv(tmp_path / "train.csv", [(POSITIVE[i % 4], "pos") for i in range(8)])
+    with pytest.raises(DataError, match="one label only \\('pos'\\).*at least two"):
+        run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train)
 
 
 def test_length_grouping_and_its_opt_out(tiny_init_dir, tmp_path):
@@ -228,7 +295,7 @@ def test_max_train_examples_trains_on_a_seeded_subset(tiny_init_dir, tmp_path):
     run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--epochs", 1,
         "--max-train-examples", 6, "--no-group-by-length")
     assert json.loads((tmp_path / "out" / "train_results.json").read_text())["steps"] == 2
-    with pytest.raises(ValueError, match="--max-train-examples -1: give a positive number"):
+    with pytest.raises(ValueError, match="--max-train-examples must be at least 0, got -1"):
         run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-train-examples", -1)
 
 

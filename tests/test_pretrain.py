@@ -110,7 +110,10 @@ def test_a_fresh_model_starts_at_the_unigram_loss(corpus, tmp_path):
 def test_killed_and_resumed_equals_uninterrupted(corpus, tmp_path):
     train_pretrain.main(tiny_args(corpus, tmp_path / "a", "--save-steps", 2))
     assert train_pretrain.main(tiny_args(corpus, tmp_path / "b", "--save-steps", 2), _stop_after_steps=3) == {"stopped_at": 3}
-    train_pretrain.main(tiny_args(corpus, tmp_path / "b", "--save-steps", 2, "--resume"))
+    with pytest.raises(ValueError, match=r"--lr 0.01 \(the run has 0.001\)"):  # a changed run is not a resume
+        train_pretrain.main(["--output-dir", str(tmp_path / "b"), "--resume", "--lr", "0.01"])
+    # The run's own settings come from its checkpoint: --output-dir and --resume are enough.
+    train_pretrain.main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"])
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
