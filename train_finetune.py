@@ -18,6 +18,8 @@
     torchrun --nproc_per_node 8 train_finetune.py --init bert-base-uncased --task mnli --data-dir glue_data --precision bf16
     # A killed run continues exactly where it stopped, with the settings it was started with
     python train_finetune.py --output-dir runs/x --resume
+    # Label new data with a fine-tuned model (predictions.jsonl; test_results.json when it has labels)
+    python train_finetune.py --init runs/x --predict-only --test-file new.csv --output-dir runs/x-new
 
 Writes to --output-dir: the best model as an HF directory (config.json with id2label, model.safetensors,
 tokenizer files) that `--init DIR`, minibert and transformers' AutoModelFor... load; eval_results.json
@@ -27,6 +29,7 @@ finetune_config.json (the resolved settings); checkpoint/ while the run is in pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -120,6 +123,9 @@ class FinetuneConfig:
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     device: str | None = None  # cuda | cpu; default: the GPU if there is one
     resume: bool = False  # continue the run in --output-dir from its last checkpoint, with the settings it was started with
+    # Train nothing: the fine-tuned model --init labels --test-file, into --output-dir/predictions.jsonl
+    # (and test_results.json when the file has labels). The task type and labels are the model's own.
+    predict_only: bool = False
     progress: bool = True  # show the progress bar
 
 
@@ -292,6 +298,55 @@ def prediction_records(task: TaskData, examples, outputs, features, vocab) -> li
     return records
 
 
+def predict_only(cfg: FinetuneConfig) -> dict:
+    """--predict-only: a fine-tuned model (--init) labels --test-file; nothing is trained."""
+    if not cfg.test_file:
+        raise D.DataError("--predict-only needs --test-file, the examples to label")
+    init_dir = resolve_model_dir(cfg.init)
+    config = BertConfig.from_json_file(init_dir / "config.json")
+    architectures = config.extra.get("architectures") or []
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        task_type = "token-classification"
+    elif any(a.endswith("ForSequenceClassification") for a in architectures):
+        guess = "regression" if config.num_labels == 1 else "classification"  # HF's rule without a problem_type
+        task_type = {"regression": "regression", "multi_label_classification": "multilabel",
+                     "single_label_classification": "classification"}.get(config.problem_type, guess)
+    else:
+        raise D.DataError(f"--predict-only needs a fine-tuned model as --init, and {cfg.init} has no classifier head: "
+                          "fine-tune it first (drop --predict-only)")
+    vocab = None if task_type == "regression" else D.LabelVocab([config.id2label[i] for i in range(len(config.id2label))])
+    max_length = cfg.max_length or min(128, config.max_position_embeddings)
+    if max_length > config.max_position_embeddings:
+        raise ValueError(f"--max-length {max_length} exceeds the {config.max_position_embeddings} positions of --init "
+                         f"{cfg.init}: use --max-length {config.max_position_embeddings} or less")
+    columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
+    examples = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
+    tokenizer = load_tokenizer(init_dir)
+    pad_id = tokenizer.token_to_id("[PAD]") if tokenizer.token_to_id("[PAD]") is not None else config.pad_token_id
+    features = D.encode_examples(tokenizer, examples, max_length=max_length, task_type=task_type, label_vocab=vocab,
+                                 source="the test data")
+    device = setup_distributed(cfg.device).device
+    check_attention_backend(cfg.attn_impl, device)
+    precision = resolve_precision(cfg.precision, device)
+    overrides = {"attn_impl": cfg.attn_impl} if cfg.attn_impl else {}
+    model = MODEL_CLASSES.get(task_type, BertForSequenceClassification).from_pretrained(str(init_dir), verbose=False, **overrides)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    autocast = lambda: torch.autocast(device.type, dtype=dtypes[precision]) if precision in dtypes else contextlib.nullcontext()  # noqa: E731
+    outputs = predict(model.to(device), features, cfg.eval_batch_size, pad_id, device, autocast)
+    task = TaskData(task_type, [], [], examples, Path(cfg.test_file).stem)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_records(task, examples, outputs, features, vocab))
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
+    logger.info("minibert: %s predictions of %s in %s", len(examples), cfg.init, out_dir / "predictions.jsonl")
+    results = {"eval": None, "test": None, "output_dir": str(out_dir)}
+    if features and features[0].label is not None:
+        results["test"] = score(task, outputs, features, vocab)
+        _write_json(out_dir / "test_results.json", results["test"])
+        logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
+    return results
+
+
 # What a finished run leaves in --output-dir besides the model: a new run there removes them first.
 RESULT_FILES = ("eval_results.json", "test_results.json", "train_results.json", "predictions.jsonl", "metrics.jsonl",
                 "training_curves.png")
@@ -312,6 +367,8 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     # Everything that can be wrong with the input is checked here, before any training.
     check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size"),
                  at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
+    if cfg.predict_only:
+        return predict_only(cfg)
     start_output_dir(cfg)  # may set cfg.resume: the same command continues a killed run
     dist = setup_distributed(cfg.device)
     check_attention_backend(cfg.attn_impl, dist.device)
@@ -445,7 +502,8 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
         if test_features:
             outputs = predict(best, test_features, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)
             records = prediction_records(task, task.test, outputs, test_features, vocab)
-            atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # UTF-8: texts stay readable
+            atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
             if test_features[0].label is not None:
                 results["test"] = score(task, outputs, test_features, vocab)
                 _write_json(out_dir / "test_results.json", results["test"])

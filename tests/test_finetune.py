@@ -271,6 +271,26 @@ def test_one_label_only_is_an_error(tiny_init_dir, tmp_path):
         run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train)
 
 
+def test_predict_only_gives_the_runs_own_test_predictions(tiny_init_dir, tmp_path):
+    """--predict-only with a fine-tuned model as --init labels a file with the model's own task type and
+    labels: the same predictions and test metrics as the training run wrote for the same file."""
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
+    test = write_csv(tmp_path / "test.csv", sentiment_rows(6))
+    trained = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--test-file", test,
+                  "--max-steps", 4)
+    unlabelled = write_csv(tmp_path / "new.csv", [(text,) for text, _ in sentiment_rows(6)], header=("text",))
+    for file, out in ((test, "labelled"), (unlabelled, "unlabelled")):
+        results = train_finetune.main(["--init", str(tmp_path / "out"), "--predict-only", "--test-file", str(file),
+                                       "--output-dir", str(tmp_path / out)])
+        predictions = [json.loads(line) for line in (tmp_path / out / "predictions.jsonl").read_text().splitlines()]
+        expected = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+        assert [p["probabilities"] for p in predictions] == [p["probabilities"] for p in expected]
+    assert results["test"] is None and not (tmp_path / "unlabelled" / "test_results.json").exists()
+    assert json.loads((tmp_path / "labelled" / "test_results.json").read_text()) == pytest.approx(trained["test"])
+    with pytest.raises(DataError, match="has no classifier head: fine-tune it first"):
+        train_finetune.main(["--init", str(tiny_init_dir), "--predict-only", "--test-file", str(test)])
+
+
 def test_length_grouping_and_its_opt_out(tiny_init_dir, tmp_path):
     """Grouped batches hold examples of similar lengths; --no-group-by-length gives batches as random as a
     plain shuffle. Both see every example once an epoch."""
