@@ -334,8 +334,11 @@ class Trainer:
                 f"--resume: no checkpoint in {self.output_dir} (expected {self.checkpoint_dir}/training_state.pt); "
                 "drop --resume to start a new run, or pass the --output-dir of the run to continue"
             )
-        loaded = type(self.model).from_pretrained(str(path), verbose=False, attn_impl=self.model.config.attn_impl,
-                                                   unpad=self.model.config.unpad)
+        try:
+            loaded = type(self.model).from_pretrained(str(path), verbose=False, attn_impl=self.model.config.attn_impl,
+                                                       unpad=self.model.config.unpad)
+        except (ValueError, OSError) as e:  # a checkpoint damaged outside minibert (its own saves are atomic)
+            raise ValueError(f"cannot read the checkpoint {path} ({e}): delete {path} and start again without --resume") from None
         self.model.load_state_dict(loaded.state_dict())
         del loaded
         try:

@@ -112,3 +112,14 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     trainer = Trainer(model, TrainingSettings(), total_steps=1, output_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         trainer.resume()
+
+
+def test_damaged_checkpoint_says_to_delete_it(tmp_path):
+    model = minibert.BertForSequenceClassification(minibert.BertConfig.preset("tiny", vocab_size=50))
+    trainer = Trainer(model, TrainingSettings(), total_steps=2, output_dir=tmp_path)
+    trainer.save_checkpoint(TrainState(step=1))
+    weights = tmp_path / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short outside minibert
+    with pytest.raises(ValueError, match=f"cannot read the checkpoint .*: delete {tmp_path / 'checkpoint'} and start again") as err:
+        trainer.resume()
+    assert "\n" not in str(err.value)
