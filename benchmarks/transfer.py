@@ -3,6 +3,7 @@
     python benchmarks/transfer.py                        # ~35 minutes on 2 CPU cores
     python benchmarks/transfer.py --pretrain-steps 50 --finetune-epochs 1 --seeds 42   # a quick run of the whole pipeline
     python benchmarks/transfer.py --corpus task          # pretrain on the task's own training sentences instead
+    python benchmarks/transfer.py --corpus builtin+task  # ... or on both, in one corpus
     python benchmarks/transfer.py --preset mini --pretrain-steps 2800 --pretrain-args=   # the first recipe tried
 
 1. Pretrain a BERT-Tiny (2 layers, hidden 128) from scratch on the built-in corpus (news + Shakespeare)
