@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from minibert import pretraining_data as P
 from minibert.assets import cache_dir
+from minibert.checkpoint import resolve_model_dir
 from minibert.config import PRESETS, BertConfig
 from minibert.model import BertForPreTraining
 from minibert.tokenizer import load_tokenizer
@@ -51,6 +52,7 @@ from minibert.training import (
     atomic_write_text,
     check_attention_backend,
     check_counts,
+    find_checkpoint,
     parse_settings,
     plot_curves,
     remove_earlier_results,
@@ -252,9 +254,28 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
                          f"({dist.world_size} x {cfg.grad_accum})")
     micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum)
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.init) if (cfg.tokenizer or cfg.init) else None
-    shards = prepare_data(cfg, tokenizer, dist)
-    train, heldout = P.PretrainingDataset(shards, "train"), P.PretrainingDataset(shards, "heldout")
+    if not 0.0 < cfg.mask_prob < 1.0:
+        raise ValueError(f"--mask-prob must be between 0 and 1 (BERT's is 0.15), got {cfg.mask_prob}")
+    if not 0.0 <= cfg.short_seq_prob <= 1.0 or not 0.0 <= cfg.heldout_fraction < 1.0:
+        raise ValueError(f"--short-seq-prob must be in [0, 1] and --heldout-fraction in [0, 1), got "
+                         f"{cfg.short_seq_prob} and {cfg.heldout_fraction}")
+    if cfg.init:
+        positions = BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json").max_position_embeddings
+        if cfg.seq_len > positions:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {positions} positions of --init {cfg.init}: "
+                             f"use --seq-len {positions} or less")
+    if cfg.resume:  # the run's own tokenizer: a retrained one could number the words differently
+        tokenizer = load_tokenizer(find_checkpoint(out_dir))
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.init) if (cfg.tokenizer or cfg.init) else None
+    try:
+        shards = prepare_data(cfg, tokenizer, dist)
+        train, heldout = P.PretrainingDataset(shards, "train"), P.PretrainingDataset(shards, "heldout")
+    except (P.CorpusError, P.CorpusNotFoundError):
+        raise
+    except (OSError, ValueError, KeyError) as e:  # the settings are checked above: the cache was damaged outside minibert
+        raise P.CorpusError(f"the preprocessed corpus under {cache_dir() / 'pretraining'} is damaged ({e}): "
+                            "delete that folder and run again, it is rebuilt from the corpus") from None
     tokenizer = train.tokenizer
     if len(train) < cfg.batch_size:
         raise ValueError(f"the corpus gives {len(train)} training examples, fewer than --batch-size {cfg.batch_size}: "

@@ -102,7 +102,7 @@ class CorpusNotFoundError(FileNotFoundError):
 # are skipped rather than failing as "not UTF-8". A file named explicitly is always read.
 TEXT_SUFFIXES = frozenset({"", ".txt", ".text", ".md", ".markdown", ".rst"})
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json"})  # a .json file may also hold one array of records
 
 
 def _corpus_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -113,13 +113,13 @@ def _corpus_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
     for path in map(Path, paths):
         if path.is_dir():
             readable = TEXT_SUFFIXES | TABLE_SUFFIXES.keys() | JSONL_SUFFIXES
-            found = [
-                p
-                for p in sorted(path.rglob("*"))
-                if p.is_file()
-                and p.suffix.lower() in readable
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ]
+            visible = [p for p in sorted(path.rglob("*"))
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            found = [p for p in visible if p.suffix.lower() in readable]
+            skipped = sorted({p.suffix or p.name for p in visible if p.suffix.lower() not in readable})
+            if skipped:  # said, so that text in an unexpected format is not lost unnoticed
+                logger.info("minibert: reading %d files in %s, skipping %d of other types (%s); name a file to read "
+                            "it anyway", len(found), path, len(visible) - len(found), ", ".join(skipped))
             if not found:
                 raise CorpusError(
                     f"no text files in directory {path}: put .txt/.md/.jsonl/.csv/.tsv files there"
@@ -161,20 +161,34 @@ def _read_plain_text(path: Path) -> Iterator[list[str]]:
         yield document
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[list[str]]:
-    """One JSON object per line; its ``text_field`` string is a document (newlines split paragraphs)."""
-    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, value) of each JSON Lines record, or of each element of a .json file holding one array."""
+    text = _read_text(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{path} is not valid JSON ({err}): fix it, or write JSON Lines") from None
+        yield from ((f"{path} record {n}", record) for n, record in enumerate(records, start=1))
+        return
+    for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield f"{path}:{line_number}", json.loads(line)
         except json.JSONDecodeError as err:
             raise CorpusError(f"{path}:{line_number} is not valid JSON ({err.msg}): fix that line") from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[list[str]]:
+    """One JSON object per line (or a .json array of them); its ``text_field`` string is a document
+    (newlines split paragraphs)."""
+    for where, record in _json_lines(path):
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise CorpusError(
-                f"{path}:{line_number} has no field {text_field!r} (it has {keys}): "
-                f"pass text_field= one of them"
+                f"{where} has no field {text_field!r} (it has {keys}): "
+                f"choose one with --text-field (text_field=)"
             )
         document = _paragraphs(str(record[text_field] or ""))
         if document:
@@ -191,7 +205,7 @@ def _read_table(path: Path, text_column: str | Sequence[str] | None) -> Iterator
     if missing:
         raise CorpusError(
             f"{path} has no column {missing[0]!r} (its columns are {reader.fieldnames}): "
-            f"pass text_column= one of them"
+            f"choose one with --text-column (text_column=)"
         )
     for row in reader:
         document = [p for c in columns for p in _paragraphs(row[c] or "")]
@@ -685,7 +699,7 @@ def _split_documents(corpus: _TokenizedCorpus, heldout_fraction: float, seed: in
         if n < 2 * need:
             raise CorpusError(
                 f"the corpus has {n} document(s), too few to hold some out: give at least {2 * need} "
-                f"(a blank line separates documents in a text file) or pass heldout_fraction=0"
+                f"(a blank line separates documents in a text file) or pass --heldout-fraction 0 (heldout_fraction=0)"
             )
         order = np.random.default_rng([seed, 0x4E5]).permutation(n).tolist()  # a stream of its own
         wanted = max(need, round(heldout_fraction * n))
@@ -699,7 +713,7 @@ def _split_documents(corpus: _TokenizedCorpus, heldout_fraction: float, seed: in
     held = set(heldout)
     train = [d for d in range(n) if d not in held]
     if len(train) < need:
-        raise CorpusError(f"the corpus has {n} document(s); NSP needs at least 2 to draw random pairs: add documents or pass nsp=False")
+        raise CorpusError(f"the corpus has {n} document(s); NSP needs at least 2 to draw random pairs: add documents or pass --no-nsp (nsp=False)")
     return {"train": train, "heldout": heldout}
 
 

@@ -315,7 +315,7 @@ class Trainer:
                 tmp / "training_state.pt",
             )
             if run_config is not None:
-                atomic_write_text(tmp / "run_config.json", json.dumps(run_config, indent=2, default=str) + "\n")
+                atomic_write_text(tmp / "run_config.json", json.dumps(absolute_paths(run_config), indent=2, default=str) + "\n")
             shutil.rmtree(old, ignore_errors=True)
             if self.checkpoint_dir.exists():
                 os.replace(self.checkpoint_dir, old)
@@ -384,6 +384,21 @@ RESUME_MAY_CHANGE = frozenset({"resume", "progress", "device", "compile", "eval_
                                "save_steps", "early_stopping"})
 
 
+def _comparable(value):
+    """A setting as a resumed run compares it: paths that exist, absolute ("out/x/", "./out/x" and the
+    full path name one folder), so a run resumes from any working directory; anything else as it is."""
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def absolute_paths(run_config: dict) -> dict:
+    """run_config with its existing paths made absolute, as save_checkpoint writes it."""
+    return {k: _comparable(v) if k != "resolved" else v for k, v in run_config.items()}
+
+
 def _saved_settings(checkpoint: Path) -> dict | None:
     path = checkpoint / "run_config.json"  # None: a checkpoint of an older minibert, nothing to compare with
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -394,7 +409,7 @@ def _changed_settings(settings, saved: dict, given: frozenset | None) -> list[st
     return [f"--{f.name.replace('_', '-')} {getattr(settings, f.name)} (the run has {saved[f.name]})"
             for f in dataclasses.fields(settings)
             if f.name in saved and f.name not in RESUME_MAY_CHANGE and (given is None or f.name in given)
-            and getattr(settings, f.name) != saved[f.name]]
+            and _comparable(getattr(settings, f.name)) != _comparable(saved[f.name])]
 
 
 def settings_to_resume(settings, output_dir: str | Path) -> None:
@@ -419,8 +434,9 @@ def settings_to_resume(settings, output_dir: str | Path) -> None:
     if changed:
         raise ValueError(f"--resume continues the run in {output_dir} as it was started, but {'; '.join(changed)}: "
                          "drop those flags to continue it, or start a new run in another --output-dir")
-    for f in dataclasses.fields(settings):
-        if f.name in saved and f.name not in RESUME_MAY_CHANGE:
+    for f in dataclasses.fields(settings):  # what was not typed again is the run's own, intervals included
+        typed = given is None or f.name in given
+        if f.name in saved and f.name != "resume" and not (typed and f.name in RESUME_MAY_CHANGE):
             setattr(settings, f.name, saved[f.name])
 
 

@@ -112,11 +112,29 @@ def test_killed_and_resumed_equals_uninterrupted(corpus, tmp_path):
     assert train_pretrain.main(tiny_args(corpus, tmp_path / "b", "--save-steps", 2), _stop_after_steps=3) == {"stopped_at": 3}
     with pytest.raises(ValueError, match=r"--lr 0.01 \(the run has 0.001\)"):  # a changed run is not a resume
         train_pretrain.main(["--output-dir", str(tmp_path / "b"), "--resume", "--lr", "0.01"])
-    # The run's own settings come from its checkpoint: --output-dir and --resume are enough.
-    train_pretrain.main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"])
+    # The run's own settings come from its checkpoint, its evaluation interval too: --output-dir (written
+    # another way) and --resume are enough.
+    train_pretrain.main(["--output-dir", str(tmp_path / "b") + "/", "--resume", "--no-progress"])
+    evals = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "eval"]
+    assert evals == [3, 6]
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+
+
+def test_bad_settings_fail_before_preprocessing(corpus, tmp_path):
+    from minibert.config import BertConfig
+    from minibert.model import BertForPreTraining
+
+    BertForPreTraining(BertConfig.preset("tiny", vocab_size=120, max_position_embeddings=16)).save_pretrained(tmp_path / "init")
+    cases = [(["--mask-prob", "0"], "--mask-prob must be between 0 and 1"),
+             (["--heldout-fraction", "1"], "--heldout-fraction in \\[0, 1\\)"),
+             (["--init", str(tmp_path / "init"), "--seq-len", "32"], "--seq-len 32 exceeds the 16 positions of --init")]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train_pretrain.main(tiny_args(corpus, tmp_path / "out", *extra))
+        assert not (tmp_path / "out").exists()
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(corpus, tmp_path):

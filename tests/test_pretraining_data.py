@@ -72,12 +72,18 @@ def test_jsonl_documents_and_missing_field(tmp_path):
     with pytest.raises(CorpusError, match=r"no field 'text' \(it has \['body', 'id'\]\)"):
         list(read_documents(path))
     assert list(read_documents(path, text_field="body")) == [["x"]]
+    array = tmp_path / "c.json"  # a .json file: JSON Lines, or one array of records
+    array.write_text('\n[{"text": "One."}, {"text": "Two.\\nThree."}]\n', encoding="utf-8")
+    assert list(read_documents(array)) == [["One."], ["Two.", "Three."]]
+    array.write_text('[{"body": "x"}]', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"c.json record 1 has no field 'text' .*--text-field"):
+        list(read_documents(array))
 
 
 def test_csv_and_tsv_columns_and_missing_column(tmp_path):
     path = tmp_path / "news.csv"
     path.write_text('id,title,body\n1,Hello,"Line one.\nLine two, with comma."\n2,,Only body.\n', encoding="utf-8")
-    with pytest.raises(CorpusError, match=r"no column 'text' \(its columns are \['id', 'title', 'body'\]\): pass text_column="):
+    with pytest.raises(CorpusError, match=r"no column 'text' \(its columns are \['id', 'title', 'body'\]\): choose one with --text-column"):
         list(read_documents(path))
     assert list(read_documents(path, text_column="body")) == [["Line one.", "Line two, with comma."], ["Only body."]]
     assert list(read_documents(path, text_column=("title", "body")))[0] == ["Hello", "Line one.", "Line two, with comma."]
