@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
         if cfg.seq_len > positions:
             raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {positions} positions of --init {cfg.init}: "
                              f"use --seq-len {positions} or less")
+    if (cfg.init or cfg.tokenizer) and "vocab_size" in getattr(cfg, "given_flags", ()):
+        logger.warning("minibert: --vocab-size is ignored: it sizes a tokenizer trained here, and "
+                       "--init/--tokenizer brings its own")
     if cfg.resume:  # the run's own tokenizer: a retrained one could number the words differently
         tokenizer = load_tokenizer(find_checkpoint(out_dir))
     else:
