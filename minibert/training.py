@@ -11,7 +11,9 @@ What is here and why:
 - Linear warmup, then linear decay to zero (BERT's schedule).
 - Gradient accumulation and clipping; bf16/fp16 autocast; torch.compile on request.
 - DDP when launched with torchrun (gloo on CPU, nccl on GPU): the same script, no extra flag.
-- Checkpoints that resume exactly: model, optimizer, scheduler, every RNG, and the data position.
+- Checkpoints that resume exactly: model, optimizer, scheduler, every RNG, and the data position, under
+  the settings the run was started with (saved beside them): the same command again continues a killed
+  run, --resume alone restores those settings, and a changed one is an error (start_output_dir).
 - metrics.jsonl logging and PNG training curves (matplotlib optional).
 """
 
