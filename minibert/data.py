@@ -330,6 +330,10 @@ def load_examples(
             f"{path} mixes labelled and unlabelled examples: {unlabelled} has no label but {labelled} has one; "
             f"fill in every label, or leave the label column out entirely to only get predictions"
         )
+    empty = [where for where, example in numbered if not token_task and not example.text.strip()]
+    if empty:  # legal, but more often a wrong column or a broken export than meant
+        logger.warning("minibert: %s: %d example(s) with an empty text (the first at %s); they are kept",
+                       path, len(empty), empty[0])
     return [example for _, example in numbered]
 
 

@@ -732,3 +732,12 @@ def test_load_glue_errors(tmp_path):
         load_glue("sst2", tmp_path)
     write(tmp_path, "dev.tsv", "sentence\tlabel\nb\t0\n")
     assert load_glue("sst2", tmp_path)[2] is None  # no test file
+
+
+def test_empty_texts_are_kept_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\ngood,pos\n,neg\n  ,neg\n", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        examples = load_examples(path, task_type="classification")
+    assert [e.text.strip() for e in examples] == ["good", "", ""]
+    assert "2 example(s) with an empty text (the first at line 3)" in caplog.text
