@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from minibert import data as D
 from minibert.assets import MINILM_HUB_ID
-from minibert.checkpoint import resolve_model_dir
+from minibert.checkpoint import resolve_model_dir, weight_names
 from minibert.config import BertConfig
 from minibert.metrics import MAIN_METRIC, compute_metrics, greater_is_better
 from minibert.model import BertForSequenceClassification, BertForTokenClassification
@@ -185,6 +185,43 @@ PROBLEM_TYPES = {"classification": "single_label_classification", "multilabel": 
                  "regression": "regression", "token-classification": None}
 
 
+def classifier_kind(config: BertConfig, init_dir: Path) -> str | None:
+    """Which head --init has: "token" or "sequence" (a classifier), or None. transformers names it in
+    config.json's architectures; without that, a classifier.weight in the weights still makes it one."""
+    architectures = config.extra.get("architectures") or []
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return "token"
+    if any(a.endswith("ForSequenceClassification") for a in architectures) or "classifier.weight" in weight_names(init_dir):
+        return "sequence"
+    return None
+
+
+def checkpoint_labels(config: BertConfig) -> list[str]:
+    """A classifier checkpoint's label names by id. transformers leaves id2label out of config.json when
+    the names are its defaults, LABEL_0, LABEL_1, ..., which is what a model trained on integer labels
+    has: such labels are the ids themselves, "0", "1", ... (the names data with integer labels uses)."""
+    if config.id2label:
+        names = [config.id2label[i] for i in range(len(config.id2label))]
+    else:
+        names = [f"LABEL_{i}" for i in range(config.num_labels)]
+    if names == [f"LABEL_{i}" for i in range(len(names))]:
+        return [str(i) for i in range(len(names))]
+    return names
+
+
+def check_tokenizer_fits(tokenizer, config: BertConfig, init: str, text_pairs: bool) -> None:
+    """Token ids the model has no embedding for would stop a run at the first batch that holds one."""
+    if tokenizer.get_vocab_size(with_added_tokens=True) > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer of --init {init} has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model "
+            f"only {config.vocab_size} word embeddings: the tokenizer files belong to another model; put the "
+            "checkpoint's own tokenizer (vocab.txt / tokenizer.json) next to its weights"
+        )
+    if text_pairs and config.type_vocab_size < 2:
+        raise ValueError(f"--text-pair-column needs two segment (token type) embeddings, and --init {init} has "
+                         f"type_vocab_size {config.type_vocab_size}: join the two texts into one column instead")
+
+
 def choose_labels(cfg: FinetuneConfig, task: TaskData, init_config: BertConfig, init_is_classifier: bool):
     """The label vocabulary, and whether the head must be new. A classifier --init keeps its own label
     ids when the data's labels are the same set; other labels need --reinit-head."""
@@ -200,9 +237,11 @@ def choose_labels(cfg: FinetuneConfig, task: TaskData, init_config: BertConfig, 
     else:
         vocab = D.LabelVocab.from_examples(task.train, task.task_type)
     if init_is_classifier and not cfg.reinit_head:
-        theirs = [init_config.id2label[i] for i in range(len(init_config.id2label))] if init_config.id2label else []
-        if sorted(theirs) == sorted(vocab.labels):
-            return D.LabelVocab(theirs)  # same labels: continue with the checkpoint's ids
+        theirs = checkpoint_labels(init_config)
+        if sorted(theirs) == sorted(vocab.labels):  # same labels: continue with the checkpoint's head and ids
+            logger.info("minibert: keeping the classifier head of --init %s and its label ids %s", cfg.init,
+                        dict(enumerate(theirs)))
+            return D.LabelVocab(theirs)
         raise D.DataError(
             f"--init {cfg.init} is a classifier for labels {theirs}, but the training data has labels {vocab.labels}: "
             "pass --reinit-head to train a new head, or use data with the checkpoint's labels"
@@ -304,17 +343,17 @@ def predict_only(cfg: FinetuneConfig) -> dict:
         raise D.DataError("--predict-only needs --test-file, the examples to label")
     init_dir = resolve_model_dir(cfg.init)
     config = BertConfig.from_json_file(init_dir / "config.json")
-    architectures = config.extra.get("architectures") or []
-    if any(a.endswith("ForTokenClassification") for a in architectures):
+    kind = classifier_kind(config, init_dir)
+    if kind == "token":
         task_type = "token-classification"
-    elif any(a.endswith("ForSequenceClassification") for a in architectures):
+    elif kind == "sequence":
         guess = "regression" if config.num_labels == 1 else "classification"  # HF's rule without a problem_type
         task_type = {"regression": "regression", "multi_label_classification": "multilabel",
                      "single_label_classification": "classification"}.get(config.problem_type, guess)
     else:
         raise D.DataError(f"--predict-only needs a fine-tuned model as --init, and {cfg.init} has no classifier head: "
                           "fine-tune it first (drop --predict-only)")
-    vocab = None if task_type == "regression" else D.LabelVocab([config.id2label[i] for i in range(len(config.id2label))])
+    vocab = None if task_type == "regression" else D.LabelVocab(checkpoint_labels(config))
     max_length = cfg.max_length or min(128, config.max_position_embeddings)
     if max_length > config.max_position_embeddings:
         raise ValueError(f"--max-length {max_length} exceeds the {config.max_position_embeddings} positions of --init "
@@ -322,7 +361,8 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
     examples = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
     tokenizer = load_tokenizer(init_dir)
-    pad_id = tokenizer.token_to_id("[PAD]") if tokenizer.token_to_id("[PAD]") is not None else config.pad_token_id
+    check_tokenizer_fits(tokenizer, config, cfg.init, text_pairs=bool(cfg.text_pair_column))
+    pad_id = tokenizer.token_to_id("[PAD]")
     features = D.encode_examples(tokenizer, examples, max_length=max_length, task_type=task_type, label_vocab=vocab,
                                  source="the test data")
     device = setup_distributed(cfg.device).device
@@ -388,14 +428,13 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
             f"--max-length {max_length} exceeds the {init_config.max_position_embeddings} positions of --init "
             f"{cfg.init}: use --max-length {init_config.max_position_embeddings} or less"
         )
-    architectures = init_config.extra.get("architectures") or []
-    init_is_classifier = any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures)
-    vocab = choose_labels(cfg, task, init_config, init_is_classifier)
+    vocab = choose_labels(cfg, task, init_config, classifier_kind(init_config, init_dir) is not None)
     if task.task_type == "classification" and len(vocab) < 2:
         raise D.DataError(f"the training data has one label only ({vocab.labels[0]!r}): a classifier needs examples "
                           "of at least two labels (for a score, pass --task-type regression)")
     tokenizer = load_tokenizer(init_dir)
-    pad_id = tokenizer.token_to_id("[PAD]") if tokenizer.token_to_id("[PAD]") is not None else init_config.pad_token_id
+    check_tokenizer_fits(tokenizer, init_config, cfg.init, text_pairs=any(ex.text_pair is not None for ex in task.train[:1]))
+    pad_id = tokenizer.token_to_id("[PAD]")
     encode = lambda examples, source: D.encode_examples(  # noqa: E731
         tokenizer, examples, max_length=max_length, task_type=task.task_type, label_vocab=vocab, source=source)
     train_features = encode(task.train, "the training data")

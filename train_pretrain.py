@@ -43,7 +43,7 @@ from minibert.assets import cache_dir
 from minibert.checkpoint import resolve_model_dir
 from minibert.config import PRESETS, BertConfig
 from minibert.model import BertForPreTraining
-from minibert.tokenizer import load_tokenizer
+from minibert.tokenizer import REQUIRED_SPECIAL_TOKENS, check_special_tokens, load_tokenizer
 from minibert.training import (
     Throughput,
     Trainer,
@@ -155,9 +155,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> BertForPreTraining:
         overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     if cfg.init:
         model = BertForPreTraining.from_pretrained(cfg.init, **overrides)
-        if model.config.vocab_size < vocab_size:
-            raise ValueError(f"the tokenizer has {vocab_size} tokens but --init {cfg.init} only {model.config.vocab_size}: "
-                             f"use the checkpoint's own tokenizer (drop --tokenizer)")
+        check_vocab_fits(cfg, vocab_size, model.config.vocab_size)
         return model
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
@@ -170,6 +168,14 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> BertForPreTraining:
     config = BertConfig.preset(cfg.preset, vocab_size=vocab_size, max_position_embeddings=max(512, cfg.seq_len),
                                **sizes, **overrides)
     return BertForPreTraining(config)
+
+
+def check_vocab_fits(cfg: PretrainConfig, tokenizer_size: int, model_size: int) -> None:
+    if tokenizer_size > model_size:
+        fix = ("use the checkpoint's own tokenizer (drop --tokenizer)" if cfg.tokenizer else
+               "the checkpoint's own tokenizer does not fit its weights: fix its tokenizer files, or pass --tokenizer")
+        raise ValueError(f"the tokenizer has {tokenizer_size} tokens but --init {cfg.init} only {model_size} word "
+                         f"embeddings: {fix}")
 
 
 def flops_per_token(config: BertConfig, seq_len: int) -> float:
@@ -271,6 +277,11 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
         tokenizer = load_tokenizer(find_checkpoint(out_dir))
     else:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.init) if (cfg.tokenizer or cfg.init) else None
+    if tokenizer is not None:
+        check_special_tokens(tokenizer, cfg.tokenizer or cfg.init, needed=(*REQUIRED_SPECIAL_TOKENS, "[MASK]"))
+        if cfg.init and not cfg.resume:  # before the corpus is tokenized, which can take minutes
+            check_vocab_fits(cfg, tokenizer.get_vocab_size(with_added_tokens=True),
+                             BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json").vocab_size)
     try:
         shards = prepare_data(cfg, tokenizer, dist)
         train, heldout = P.PretrainingDataset(shards, "train"), P.PretrainingDataset(shards, "heldout")

@@ -204,6 +204,12 @@ def _download_from_hub(repo_id: str, need_weights: bool) -> Path:
 
 
 def _load_file(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent} lacks {path.name}, a part of its sharded weights: download or copy every "
+                                "file the index (*.index.json) names")
+    with open(path, "rb") as f:
+        if f.read(40).startswith(b"version https://git-lfs"):
+            raise ValueError(f"{path} is a Git LFS pointer, not the weights: fetch them (`git lfs pull` in that clone)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -232,6 +238,27 @@ def read_state_dict(directory: Path) -> dict[str, Tensor]:
             return state
         return _load_file(path)
     raise FileNotFoundError(f"{directory} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def weight_names(directory: Path) -> set[str]:
+    """The tensor names of a checkpoint, read without loading the tensors where the format allows it
+    (empty when the weights cannot be read: loading them says why)."""
+    for filename in WEIGHT_FILES:
+        path = directory / filename
+        if not path.is_file():
+            continue
+        try:
+            if filename.endswith(".index.json"):
+                return set(json.loads(path.read_text())["weight_map"])
+            if filename.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    return set(f.keys())
+            return set(read_state_dict(directory))
+        except Exception:
+            return set()
+    return set()
 
 
 # ----------------------------------------------------------------------------- loading into a model
@@ -264,10 +291,10 @@ def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bo
             unknown.append(hf_key)
         elif key is None or key not in target:
             dropped.append(hf_key)  # tied or buffer keys, or another model's head (cls.* in a classifier)
+        elif reinit_head and key.startswith(REINIT_ALLOWED):
+            reinitialised.append(key)  # whatever its shape: the same number of labels may mean other labels
         elif tensor.shape != target[key].shape:
-            if reinit_head and key.startswith(REINIT_ALLOWED):
-                reinitialised.append(key)
-            elif key.startswith("classifier."):
+            if key.startswith("classifier."):
                 old = int(tensor.shape[0])
                 raise ValueError(
                     f"the checkpoint's classifier has {old} outputs but the model asks for {config.num_labels}: "
@@ -280,6 +307,14 @@ def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bo
                 )
         else:
             loaded[key] = tensor
+    decoder = source.get("cls.predictions.decoder.weight")
+    words = next((t for k, t in source.items() if k.endswith("embeddings.word_embeddings.weight")), None)
+    if "mlm_head.dense.weight" in target and decoder is not None and words is not None and not torch.equal(decoder, words):
+        raise ValueError(
+            f"{directory} has an MLM decoder of its own (tie_word_embeddings false), but minibert's MLM head reuses "
+            "the word embeddings, as BERT does: pretrain from its encoder with a new head (copy the checkpoint without "
+            "its cls.* weights), or fine-tune it, which does not use the decoder"
+        )
     if unknown:
         raise ValueError(
             f"{directory} has weights minibert does not know ({_short(unknown)}): it is not a plain BERT "
@@ -328,6 +363,10 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
             tensors[hf_key] = tensor.detach().to("cpu").contiguous()
     config = model.config
     more = {"architectures": [type(model).__name__]}
+    # A config read from a float16 checkpoint says so; these weights are what the model holds now (fp32 after
+    # training), and transformers loads a model in the dtype its config names.
+    saved_dtype = str(next(t for t in tensors.values() if t.is_floating_point()).dtype).removeprefix("torch.")
+    more.update({key: saved_dtype for key in ("torch_dtype", "dtype") if key in config.extra})
     if hasattr(model, "classifier") and config.id2label is None:
         config = config.replace(id2label={i: f"LABEL_{i}" for i in range(config.num_labels)})
     if tokenizer is not None:

@@ -114,13 +114,14 @@ def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def _table_rows(path: Path, column_names: Sequence[str] | None) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """The header and the (line number, cells) rows of a .csv or .tsv file; blank and whitespace-only
-    lines are skipped."""
+    lines are skipped, but not a quoted empty text ("" in a one-column CSV): that is an example."""
     lines = _utf8_lines(path)
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() == ".csv":  # the csv module reads a blank line as [] and "" as ['']
         rows = _csv_rows(path, (line for _, line in lines))
+        rows = ((n, cells) for n, cells in rows if len(cells) > 1 or cells == [""] or "".join(cells).strip())
     else:  # TSV: tabs only, no quoting (see the module docstring)
         rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in lines)
-    rows = ((n, cells) for n, cells in rows if len(cells) > 1 or "".join(cells).strip())
+        rows = ((n, cells) for n, cells in rows if len(cells) > 1 or "".join(cells).strip())
     if column_names is not None:
         return list(column_names), rows
     header = next(rows, (0, None))[1]
@@ -763,6 +764,14 @@ def encode_examples(
         logger.warning(message, truncated, len(examples), source, max_length, lost_words)
     elif truncated:
         logger.info("%d of %d examples in %s were truncated to %d tokens", truncated, len(examples), source, max_length)
+    unk_id = tok.token_to_id("[UNK]")
+    special_ids = {tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
+    counts = np.bincount(np.concatenate([f.input_ids for f in features]), minlength=tok.get_vocab_size())
+    words = counts.sum() - sum(counts[i] for i in special_ids if i is not None and i < len(counts))
+    if unk_id is not None and words and counts[unk_id] > 0.5 * words:  # a tokenizer whose vocabulary failed to load
+        logger.warning("minibert: %.0f%% of the word pieces of %s are [UNK]: the tokenizer does not fit this text "
+                       "(a vocabulary of another language or script, or a broken vocab.txt); the model sees almost "
+                       "nothing of it", 100 * counts[unk_id] / words, source)
     return features
 
 

@@ -33,16 +33,36 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
         )
     else:
         raise FileNotFoundError(f"{directory} has no tokenizer.json or vocab.txt: pass a directory (or hub id) with BERT's tokenizer files")
+    check_special_tokens(tokenizer, directory)
     # Some checkpoints bake in padding/truncation (MiniLM pads to 128); minibert pads per batch instead.
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
 
 
+# BERT's inputs are built from these: [CLS] text [SEP] (text [SEP]), padded with [PAD]; [UNK] stands for any
+# word the vocabulary cannot spell. ([MASK] is needed for pretraining only.)
+REQUIRED_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
+
+
+def check_special_tokens(tokenizer: Tokenizer, source, needed=REQUIRED_SPECIAL_TOKENS) -> None:
+    missing = [token for token in needed if tokenizer.token_to_id(token) is None]
+    if missing:
+        raise ValueError(
+            f"the tokenizer of {source} has no {', '.join(missing)}: minibert needs a BERT WordPiece tokenizer "
+            "(a RoBERTa/GPT-style <s> </s> tokenizer does not fit BERT's inputs); use the BERT checkpoint's own "
+            "tokenizer files, or let train_pretrain.py train one"
+        )
+
+
 def bert_wordpiece_tokenizer(vocab_file, *, lowercase=True, strip_accents=None, tokenize_chinese_chars=True) -> Tokenizer:
     vocab = {}
     for index, line in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines()):
         vocab.setdefault(line.rstrip("\n"), index)
+    missing = [token for token in REQUIRED_SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise ValueError(f"{vocab_file} has no {', '.join(missing)}: it is not a BERT WordPiece vocabulary (one token "
+                         "a line, with [PAD], [UNK], [CLS], [SEP] and [MASK]); use the BERT checkpoint's own vocab.txt")
     tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=tokenize_chinese_chars, strip_accents=strip_accents, lowercase=lowercase

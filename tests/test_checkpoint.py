@@ -247,6 +247,19 @@ def test_truncated_safetensors(tmp_path):
         minibert.BertForSequenceClassification.from_pretrained(str(tmp_path))
 
 
+def test_git_lfs_pointer_and_missing_shard(tmp_path):
+    hf_classifier(tmp_path / "lfs")
+    (tmp_path / "lfs" / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 1000\n")
+    with pytest.raises(ValueError, match="Git LFS pointer.*git lfs pull"):
+        minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "lfs"))
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_hf_config()).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    next((tmp_path / "sharded").glob("model-0000*.safetensors")).unlink()
+    with pytest.raises(FileNotFoundError, match="lacks model-0000.*every file the index"):
+        minibert.BertModel.from_pretrained(str(tmp_path / "sharded"))
+
+
 def test_non_bert_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     with pytest.raises(ValueError, match="model_type 'gpt2'.*BERT only"):
@@ -259,6 +272,25 @@ def test_head_shape_mismatch_and_reinit(tmp_path):
         minibert.BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=2, id2label=None)
     model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=2, id2label=None, reinit_head=True)
     assert model.classifier.weight.shape == (2, 32)
+
+
+def test_untied_mlm_decoder_is_refused_for_pretraining_and_ignored_for_fine_tuning(tmp_path):
+    """minibert's MLM head reuses the word embeddings; a decoder of its own must not be silently replaced."""
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(tiny_hf_config(tie_word_embeddings=False)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="MLM decoder of its own"):
+        minibert.BertForPreTraining.from_pretrained(str(tmp_path))
+    minibert.BertForSequenceClassification.from_pretrained(str(tmp_path))  # the encoder is all a classifier needs
+
+
+def test_float16_checkpoint_saved_as_float32_says_so(tmp_path):
+    """The output's config must not tell transformers to load fp32 weights as float16."""
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_hf_config()).half().save_pretrained(tmp_path / "fp16")
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text()).get("dtype") == "float16"
+    minibert.BertModel.from_pretrained(str(tmp_path / "fp16")).save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+    assert transformers.BertModel.from_pretrained(tmp_path / "out").dtype == torch.float32
 
 
 def test_config_validation_messages():

@@ -741,3 +741,15 @@ def test_empty_texts_are_kept_with_a_warning(tmp_path, caplog):
         examples = load_examples(path, task_type="classification")
     assert [e.text.strip() for e in examples] == ["good", "", ""]
     assert "2 example(s) with an empty text (the first at line 3)" in caplog.text
+
+
+def test_text_the_tokenizer_cannot_spell_is_warned_about(tokenizer, caplog):
+    """A broken vocabulary (transformers 5's BertTokenizerFast(vocab_file=...) pitfall) or another script turns
+    most pieces into [UNK]: training would run on nothing, so say so."""
+    vocab = LabelVocab(["0", "1"])
+    english = [Example("the cat sat on the mat", None, "0"), Example("a good film", None, "1")]
+    encode_examples(tokenizer, english, max_length=32, task_type="classification", label_vocab=vocab, source="the training data")
+    assert "[UNK]" not in caplog.text
+    unknown = [Example("⟡⟡ ⟢⟢ ⟣⟣", None, "0"), Example("⟤ ⟥ ok", None, "1")]
+    encode_examples(tokenizer, unknown, max_length=32, task_type="classification", label_vocab=vocab, source="the training data")
+    assert "83% of the word pieces of the training data are [UNK]" in caplog.text

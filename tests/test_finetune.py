@@ -160,6 +160,81 @@ def test_init_from_own_classifier_keeps_labels_and_other_labels_need_reinit(tiny
     assert len(json.loads((tmp_path / "fourth" / "out" / "config.json").read_text())["id2label"]) == 4
 
 
+def hf_classifier_dir(tiny_init_dir, directory, head=transformers.BertForSequenceClassification, **config):
+    """A classifier as transformers saves it, with the tiny model's tokenizer files."""
+    import shutil
+
+    torch.manual_seed(0)
+    model = head(transformers.BertConfig.from_pretrained(tiny_init_dir, **config)).eval()
+    model.save_pretrained(directory)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_init_dir / name, directory / name)
+    return model
+
+
+def test_classifier_with_transformers_default_labels_takes_integer_labels(tiny_init_dir, tmp_path):
+    """transformers leaves id2label out of config.json for its default names LABEL_0, LABEL_1: such a head
+    is a classifier for the labels 0 and 1, kept for data labelled 0/1, and --predict-only gives the same
+    probabilities as transformers."""
+    hf = hf_classifier_dir(tiny_init_dir, tmp_path / "hf")
+    assert "id2label" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    texts = [text for text, _ in sentiment_rows(6)]
+    unlabelled = write_csv(tmp_path / "new.csv", [(t,) for t in texts], header=("text",))
+    train_finetune.main(["--init", str(tmp_path / "hf"), "--predict-only", "--test-file", str(unlabelled),
+                         "--output-dir", str(tmp_path / "pred")])
+    predictions = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    tok = transformers.BertTokenizer.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        expected = hf(**tok(texts, return_tensors="pt", padding=True)).logits.softmax(-1)
+    assert [p["label"] for p in predictions] == [str(i) for i in expected.argmax(-1).tolist()]
+    got = torch.tensor([[p["probabilities"]["0"], p["probabilities"]["1"]] for p in predictions])
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+
+    integers = write_csv(tmp_path / "int.csv", [(t, int(lab == "pos")) for t, lab in sentiment_rows(8)])
+    run(tmp_path / "hf", tmp_path / "kept", "--train-file", integers, "--validation-file", integers, "--max-steps", 1,
+        "--lr", "1e-12")
+    kept = load_file(tmp_path / "kept" / "out" / "model.safetensors")["classifier.weight"]
+    torch.testing.assert_close(kept, hf.classifier.weight.detach(), atol=1e-9, rtol=0)
+
+
+def test_reinit_head_trains_a_new_head_even_for_as_many_labels(tiny_init_dir, tmp_path):
+    """--reinit-head with other labels of the same number: the old head must not be kept, or its row for
+    "pos" would silently mean "bad"."""
+    hf = hf_classifier_dir(tiny_init_dir, tmp_path / "hf", id2label={0: "neg", 1: "pos"})
+    other = write_csv(tmp_path / "other.csv", [(t, {"pos": "good", "neg": "bad"}[lab]) for t, lab in sentiment_rows(8)])
+    run(tmp_path / "hf", tmp_path, "--train-file", other, "--validation-file", other, "--max-steps", 1,
+        "--lr", "1e-12", "--reinit-head")
+    new = load_file(tmp_path / "out" / "model.safetensors")["classifier.weight"]
+    assert not torch.allclose(new, hf.classifier.weight.detach())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"] == {"0": "bad", "1": "good"}
+
+
+def test_checkpoint_that_does_not_fit_its_tokenizer_or_pairs_is_a_one_line_error(tiny_init_dir, tmp_path):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(8))
+    hf_classifier_dir(tiny_init_dir, tmp_path / "small-vocab", transformers.BertModel, vocab_size=1000)  # the tokenizer has 30522 words
+    with pytest.raises(ValueError, match="tokenizer of --init .* has 30522 tokens but the model only 1000"):
+        run(tmp_path / "small-vocab", tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 1)
+    hf_classifier_dir(tiny_init_dir, tmp_path / "one-segment", transformers.BertModel, type_vocab_size=1)
+    pairs = write_csv(tmp_path / "pairs.csv", [(t, t, lab) for t, lab in sentiment_rows(8)], header=("a", "b", "label"))
+    with pytest.raises(ValueError, match="needs two segment .* type_vocab_size 1"):
+        run(tmp_path / "one-segment", tmp_path, "--train-file", pairs, "--validation-file", pairs, "--max-steps", 1,
+            "--text-column", "a", "--text-pair-column", "b")
+    (tmp_path / "one-segment" / "tokenizer.json").unlink()
+    (tmp_path / "one-segment" / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    with pytest.raises(ValueError, match=r"has no \[CLS\], \[SEP\]: it is not a BERT WordPiece vocabulary"):
+        run(tmp_path / "one-segment", tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 1)
+
+
+def test_quoted_empty_text_in_a_one_column_csv_is_an_example(tiny_init_dir, tmp_path):
+    """Predictions are joined back to rows by position: a row whose text is "" must not vanish."""
+    from minibert.data import load_examples
+
+    path = tmp_path / "new.csv"
+    path.write_text('text\ngood film\n""\n\nbad film\n   \n', encoding="utf-8")
+    examples = load_examples(path, task_type="classification", flag="--test-file", require_labels=False)
+    assert [e.text for e in examples] == ["good film", "", "bad film"]
+
+
 def test_freezing(tiny_init_dir, tmp_path):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(16))
     run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 3,

@@ -128,9 +128,18 @@ def test_bad_settings_fail_before_preprocessing(corpus, tmp_path):
     from minibert.model import BertForPreTraining
 
     BertForPreTraining(BertConfig.preset("tiny", vocab_size=120, max_position_embeddings=16)).save_pretrained(tmp_path / "init")
+    from minibert.assets import minilm_dir
+
+    (tmp_path / "bigger").mkdir()
+    (tmp_path / "bigger" / "vocab.txt").write_bytes((minilm_dir() / "vocab.txt").read_bytes())
+    (tmp_path / "no-mask").mkdir()
+    (tmp_path / "no-mask" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
     cases = [(["--mask-prob", "0"], "--mask-prob must be between 0 and 1"),
              (["--heldout-fraction", "1"], "--heldout-fraction in \\[0, 1\\)"),
-             (["--init", str(tmp_path / "init"), "--seq-len", "32"], "--seq-len 32 exceeds the 16 positions of --init")]
+             (["--init", str(tmp_path / "init"), "--seq-len", "32"], "--seq-len 32 exceeds the 16 positions of --init"),
+             (["--init", str(tmp_path / "init"), "--seq-len", "16", "--tokenizer", str(tmp_path / "bigger")],
+              "tokenizer has 30522 tokens but --init .* only 120 word embeddings.*drop --tokenizer"),
+             (["--tokenizer", str(tmp_path / "no-mask")], r"has no \[MASK\]")]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
             train_pretrain.main(tiny_args(corpus, tmp_path / "out", *extra))
