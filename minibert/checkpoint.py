@@ -281,14 +281,16 @@ def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bo
     config = BertConfig.from_json_file(directory / "config.json", **config_overrides)
     source = read_state_dict(directory)
     model = cls(config)
-    encoder_prefix = "" if cls.__name__ == "BertModel" else "bert."
+    encoder_prefix = "bert." if hasattr(model, "bert") else ""  # task models hold the encoder as .bert
     target = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
 
-    loaded, dropped, unknown, reinitialised = {}, [], [], []
+    loaded, dropped, unknown, reinitialised, encoder_misfits = {}, [], [], [], []
     for hf_key, tensor in source.items():
         key = hf_to_minibert_key(hf_key, encoder_prefix)
         if key is _NOT_MAPPED:
             unknown.append(hf_key)
+        elif key is not None and key not in target and not key.startswith(NEW_ALLOWED):
+            encoder_misfits.append(hf_key)  # an encoder weight this model has no place for
         elif key is None or key not in target:
             dropped.append(hf_key)  # tied or buffer keys, or another model's head (cls.* in a classifier)
         elif reinit_head and key.startswith(REINIT_ALLOWED):
@@ -314,6 +316,11 @@ def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bo
             f"{directory} has an MLM decoder of its own (tie_word_embeddings false), but minibert's MLM head reuses "
             "the word embeddings, as BERT does: pretrain from its encoder with a new head (copy the checkpoint without "
             "its cls.* weights), or fine-tune it, which does not use the decoder"
+        )
+    if encoder_misfits:
+        raise ValueError(
+            f"{directory} has encoder weights the model built from its config.json has no place for "
+            f"({_short(encoder_misfits)}): the config does not describe these weights (do not override sizes)"
         )
     if unknown:
         raise ValueError(
@@ -355,7 +362,7 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    encoder_prefix = "" if type(model).__name__ == "BertModel" else "bert."
+    encoder_prefix = "bert." if hasattr(model, "bert") else ""
     tensors = {}
     for key, tensor in model.state_dict().items():
         hf_key = minibert_to_hf_key(key, encoder_prefix)

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-# Google's 24 small BERTs (Turc et al., 2019, "Well-Read Students Learn Better") plus the two originals.
-# Heads are hidden / 64, intermediate is 4 * hidden, as in all of them.
+# Named sizes of Google's small BERTs (Turc et al., 2019, "Well-Read Students Learn Better", 24 models of
+# 2-12 layers and hidden 128-768) plus the two originals. Unless a preset says otherwise, heads are
+# hidden / 64 and intermediate is 4 * hidden, as in all of them.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(num_hidden_layers=2, hidden_size=128),
     "mini": dict(num_hidden_layers=4, hidden_size=256),
@@ -57,15 +58,15 @@ class BertConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}: choose heads so that hidden_size / heads is a whole number (64 is usual)"
             )
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -90,9 +91,11 @@ class BertConfig:
     def preset(cls, name: str, **overrides) -> "BertConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        sizes = PRESETS[name]
-        hidden = sizes["hidden_size"]
-        return cls(**{**sizes, "num_attention_heads": hidden // 64, "intermediate_size": 4 * hidden, **overrides})
+        sizes = dict(PRESETS[name])
+        hidden = overrides.get("hidden_size", sizes["hidden_size"])
+        sizes.setdefault("num_attention_heads", max(1, hidden // 64))
+        sizes.setdefault("intermediate_size", 4 * hidden)
+        return cls(**{**sizes, **overrides})
 
     def replace(self, **changes) -> "BertConfig":
         return replace(self, **changes)

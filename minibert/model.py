@@ -32,7 +32,7 @@ from minibert.padding import TokenLayout
 ACTIVATION_FUNCTIONS = {
     "gelu": lambda x: F.gelu(x),  # exact erf GELU, what BERT was trained with
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # the tanh approximation (HF "gelu_new")
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # the same function under HF's other name
     "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "relu": F.relu,
@@ -69,6 +69,8 @@ class Embeddings(nn.Module):
 # q, k, v and out are (B, T, H, D) on a padded batch, or (N, H, D) when the layout is unpadded.
 # `layout.attention_mask` (B, T) marks real keys; `layout.cu_seqlens` delimits packed sequences.
 # The softmax scale is 1/sqrt(D). Choose one by name with `BertConfig.attn_impl`.
+# Backends are interchangeable implementations of the same math (tests hold them to the eager reference):
+# a different attention pattern is a different model, not a backend, and transformers would not know it.
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, dropout_p: float) -> Tensor:
@@ -77,9 +79,9 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, dropou
         q, k, v = layout.pad(q), layout.pad(k), layout.pad(v)  # (B, T, H, D)
     q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    if layout.attention_mask is not None:  # padded keys get no weight
+    if layout.attention_mask is not None:  # padded keys get no weight (finfo.min, not -inf: no NaN in any row)
         scores = scores.masked_fill(~layout.attention_mask[:, None, None, :], torch.finfo(scores.dtype).min)
-    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)  # the caller passes dropout_p=0.0 in eval mode
     out = rearrange(probs @ v, "b h t d -> b t h d")
     return layout.unpad(out) if layout.unpadded else out
 
@@ -139,7 +141,11 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
-    """One encoder block, post-LayerNorm as in the original BERT: x = LayerNorm(x + dropout(f(x)))."""
+    """One encoder block, post-LayerNorm as in the original BERT: x = LayerNorm(x + dropout(f(x))).
+
+    attention_norm and feed_forward_norm are the norms *after* each residual sum. Attribute names are the
+    checkpoint format: each is mapped to HF's name in checkpoint.ENCODER_MODULES, so a new weight here
+    needs a line there (tests/test_checkpoint.py checks that every weight has one)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -186,7 +192,8 @@ class PreTrainedBert(nn.Module):
         for module in (part or self).modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
                 if module.padding_idx is not None:

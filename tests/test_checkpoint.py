@@ -11,7 +11,8 @@ import transformers
 import minibert
 from conftest import padded_batch, tiny_hf_config
 from minibert import BertConfig
-from minibert.checkpoint import ENCODER_MODULES, hf_to_minibert_key, read_state_dict
+from minibert.config import PRESETS
+from minibert.checkpoint import ENCODER_MODULES, hf_to_minibert_key, minibert_to_hf_key, read_state_dict
 
 ATOL = 1e-5
 
@@ -107,6 +108,14 @@ def test_key_table_covers_every_hf_bert_key():
     assert hf_to_minibert_key("bert.embeddings.position_ids", "bert.") is None
     assert hf_to_minibert_key("encoder.layer.11.output.LayerNorm.gamma", "") == "layers.11.feed_forward_norm.weight"
     assert "encoder.layer.{}.attention.self.query" in ENCODER_MODULES
+    # ... and the other way: every weight of every minibert model has an HF name (a new weight needs a table line)
+    config = mb.config.replace(num_labels=3)
+    for model in (mb, minibert.BertModel(config), minibert.BertForSequenceClassification(config),
+                  minibert.BertForTokenClassification(config)):
+        prefix = "bert." if hasattr(model, "bert") else ""
+        for key in model.state_dict():
+            hf_key = minibert_to_hf_key(key, prefix)
+            assert hf_key is None or hf_to_minibert_key(hf_key, prefix) == key, key
 
 
 # ----------------------------------------------------------------------------- the real pretrained MiniLM
@@ -220,6 +229,12 @@ def test_presets():
              for name in ("tiny", "mini", "small", "medium", "base", "large") for c in [BertConfig.preset(name)]}
     assert sizes == {"tiny": (2, 128, 2, 512), "mini": (4, 256, 4, 1024), "small": (4, 512, 8, 2048),
                      "medium": (8, 512, 8, 2048), "base": (12, 768, 12, 3072), "large": (24, 1024, 16, 4096)}
+    # A preset may set its own heads and width; below hidden 64 there is still one head.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(PRESETS, "micro", dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=4))
+        c = BertConfig.preset("micro")
+        assert (c.num_attention_heads, c.intermediate_size) == (4, 192)
+    assert BertConfig.preset("tiny", hidden_size=32).num_attention_heads == 1
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -296,6 +311,8 @@ def test_float16_checkpoint_saved_as_float32_says_so(tmp_path):
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
         BertConfig(hidden_size=100, num_attention_heads=12)
+    with pytest.raises(ValueError, match="num_attention_heads must be a positive integer, got 0"):
+        BertConfig(hidden_size=32, num_attention_heads=0)
     with pytest.raises(ValueError, match="choose one of eager, sdpa, triton"):
         BertConfig(attn_impl="flash")
     with pytest.raises(ValueError, match="hidden_act 'gelu2'"):
