@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained BERT on labelled text: classification, regression, multi-label, or token tags.
+r"""Fine-tune a pretrained BERT on labelled text: classification, regression, multi-label, or token tags.
 
     # The built-in task, offline: movie-review sentence polarity from the pretrained MiniLM (~7 min on 2 CPU cores)
     python train_finetune.py
@@ -80,11 +80,11 @@ class FinetuneConfig:
     attn_impl: str | None = None  # eager | sdpa | triton; None keeps the checkpoint's (sdpa by default)
     dropout: float | None = None  # overrides hidden and attention dropout; None keeps the checkpoint's (0.1)
     # --- data: files, a GLUE task, or nothing for the built-in movie-review task ---
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
+    train_file: str | None = None  # .csv, .tsv, .jsonl/.json, or CoNLL (.conll/.iob/.bio) for token classification
+    validation_file: str | None = None  # the same format: picks the best checkpoint, and early stopping
+    test_file: str | None = None  # optional: scored at the end with the best model, and predictions.jsonl written
     task: str | None = None  # a GLUE task (sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli) with --data-dir
-    data_dir: str | None = None
+    data_dir: str | None = None  # the GLUE task's folder (train.tsv, dev.tsv, ... as GLUE ships them)
     text_column: str | None = None  # default "text" ("tokens" for token classification)
     text_pair_column: str | None = None  # the second text of sentence-pair tasks
     label_column: str | None = None  # default "label" ("tags" for token classification)
@@ -260,7 +260,8 @@ def build_model(cfg: FinetuneConfig, task: TaskData, vocab, init_dir: Path):
         overrides["attn_impl"] = cfg.attn_impl
     if cfg.dropout is not None:
         overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-    model = cls.from_pretrained(str(init_dir), reinit_head=cfg.reinit_head, **overrides)
+    # A resumed run's weights come from its checkpoint: what --init lacks is no news then.
+    model = cls.from_pretrained(str(init_dir), reinit_head=cfg.reinit_head, verbose=not cfg.resume, **overrides)
     if cfg.freeze_embeddings:
         model.bert.embeddings.requires_grad_(False)
     if cfg.freeze_layers:

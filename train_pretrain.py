@@ -155,7 +155,8 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> BertForPreTraining:
         overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     if cfg.init:
         # A classifier's labels mean nothing to a pretraining model (transformers' default is 2 unnamed labels).
-        model = BertForPreTraining.from_pretrained(cfg.init, id2label=None, num_labels=2, problem_type=None, **overrides)
+        model = BertForPreTraining.from_pretrained(cfg.init, id2label=None, num_labels=2, problem_type=None,
+                                                   verbose=not cfg.resume, **overrides)
         check_vocab_fits(cfg, vocab_size, model.config.vocab_size)
         return model
     if cfg.preset not in PRESETS:

@@ -1,7 +1,7 @@
 """CPU speed: minibert against transformers' BertModel (eager and sdpa), side by side in one run.
 
     python benchmarks/bench_cpu.py                      # bert-base and MiniLM sizes, ~5 minutes on 2 cores
-    python benchmarks/bench_cpu.py --sizes minilm --repeats 3   # a quick look
+    python benchmarks/bench_cpu.py --sizes minilm --repeats 3 --out runs/cpu-quick.json   # a quick look
 
 Three batches: (a) fully padded, 8 sequences of 128 tokens; (b) and (c) variable length, 8 and 32
 sequences (32 is train_finetune.py's batch size) whose lengths are drawn (fixed seed) from the real

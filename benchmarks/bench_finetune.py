@@ -1,7 +1,7 @@
 """The built-in task end to end: minibert's train_finetune.py against transformers fine-tuning the same model.
 
     python benchmarks/bench_finetune.py                  # both runs, ~15 minutes on 2 CPU cores
-    python benchmarks/bench_finetune.py --epochs 1       # a shorter comparison
+    python benchmarks/bench_finetune.py --epochs 1 --out runs/finetune-1-epoch.json   # a shorter comparison
     python benchmarks/bench_finetune.py --aligned        # randomness aligned: the two must agree step by step
 
 Both start from the pretrained MiniLM (sentence-transformers/all-MiniLM-L6-v2, offline), fine-tune on the

@@ -1,7 +1,7 @@
 """GPU speed on one GPU, in under 8 minutes: the kernel, fine-tuning steps/s, pretraining MFU.
 
     python benchmarks/bench_gpu.py                 # on a CUDA machine; writes benchmarks/results/gpu.json
-    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # tiny shapes on the CPU: checks the script runs
+    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # tiny shapes on the CPU: checks the script runs (runs/gpu-smoke.json)
 
 1. Attention kernel, forward+backward TFLOP/s, bf16, head dim 64, sequence 128 and 512: minibert's Triton
    kernel against torch SDPA's flash backend; with padding (half the sequences at a random 30-100% of the
@@ -164,8 +164,10 @@ def bench_pretrain(device, sizes, batch, seq_len, steps) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on the CPU")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/gpu.json, or runs/gpu-smoke.json with --smoke")
     args = parser.parse_args(argv)
+    if args.out is None:  # smoke numbers are not results: keep them out of benchmarks/results/
+        args.out = "runs/gpu-smoke.json" if args.smoke else str(Path(__file__).parent / "results" / "gpu.json")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         dtype, shapes, iters = torch.float32, [(2, 32, 2, 32)], 1

@@ -1,10 +1,10 @@
 """Transfer learning on real data: does pretraining on raw text help a small BERT on the movie-review task?
 
     python benchmarks/transfer.py                        # ~35 minutes on 2 CPU cores
-    python benchmarks/transfer.py --pretrain-steps 50 --finetune-epochs 1 --seeds 42   # a quick run of the whole pipeline
-    python benchmarks/transfer.py --corpus task          # pretrain on the task's own training sentences instead
-    python benchmarks/transfer.py --corpus builtin+task  # ... or on both, in one corpus
-    python benchmarks/transfer.py --preset mini --pretrain-steps 2800 --pretrain-args=   # the first recipe tried
+    python benchmarks/transfer.py --pretrain-steps 50 --finetune-epochs 1 --seeds 42 --out runs/transfer-quick.json   # a quick run of the whole pipeline
+    python benchmarks/transfer.py --corpus task --out runs/transfer-task.json   # pretrain on the task's own training sentences instead
+    python benchmarks/transfer.py --corpus builtin+task --out runs/transfer-mixed.json  # ... or on both, in one corpus
+    python benchmarks/transfer.py --preset mini --pretrain-steps 2800 --pretrain-args= --out runs/transfer-mini.json   # the first recipe tried
 
 1. Pretrain a BERT-Tiny (2 layers, hidden 128) from scratch on the built-in corpus (news + Shakespeare)
    with train_pretrain.py: 12,000 steps of 32 x 64 tokens, full sentences without NSP, about 15 minutes

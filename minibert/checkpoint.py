@@ -345,12 +345,22 @@ def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bo
 # ----------------------------------------------------------------------------- saving
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_NEW_FILE_MODE = _default_file_mode()  # what open() would give a new file: 0o644 under the usual umask
+
+
 def _atomic_write(path: Path, write) -> None:
     """write(tmp_path) then rename: a killed save never leaves a half-written file under the real name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp makes files only their owner can read; a model is for sharing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

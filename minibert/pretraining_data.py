@@ -105,6 +105,9 @@ TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson", ".json"})  # a .json file may also hold one array of records
 
 
+_SKIPS_SAID: set[tuple] = set()  # the corpus is listed several times (fingerprint, reading): say each skip once
+
+
 def _corpus_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and directories (recursively, sorted, hidden entries skipped) into files."""
     if isinstance(paths, (str, os.PathLike)):
@@ -117,7 +120,8 @@ def _corpus_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
             found = [p for p in visible if p.suffix.lower() in readable]
             skipped = sorted({p.suffix or p.name for p in visible if p.suffix.lower() not in readable})
-            if skipped:  # said, so that text in an unexpected format is not lost unnoticed
+            if skipped and (path, *skipped) not in _SKIPS_SAID:  # said (once), so text in another format is not lost unnoticed
+                _SKIPS_SAID.add((path, *skipped))
                 logger.info("minibert: reading %d files in %s, skipping %d of other types (%s); name a file to read "
                             "it anyway", len(found), path, len(visible) - len(found), ", ".join(skipped))
             if not found:
@@ -451,6 +455,10 @@ def train_wordpiece_tokenizer(
         show_progress=False,
     )
     tokenizer.train_from_iterator(_texts(documents_or_text_iter), trainer=trainer)
+    if tokenizer.get_vocab_size() < vocab_size:  # a small corpus has fewer word pieces seen twice than asked for
+        logger.info("minibert: the corpus gives a vocabulary of %d word pieces, fewer than --vocab-size %d "
+                    "(pieces must occur at least twice); the model is sized to %d", tokenizer.get_vocab_size(),
+                    vocab_size, tokenizer.get_vocab_size())
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

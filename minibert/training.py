@@ -43,11 +43,28 @@ from torch import nn
 # ----------------------------------------------------------------------------- command lines
 
 
+def field_comments(source: str) -> dict[str, str]:
+    """A dataclass's fields and what its comments say of each: the comment on the field's line, else the
+    comment lines right above it (section headers such as "# --- data ---" excepted)."""
+    comments, above = {}, []
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            text = stripped.lstrip("#").strip()
+            above = [] if text.startswith("---") else [*above, text]
+            continue
+        field = re.match(r"(\w+):[^#]*?(?:#\s*(.+))?$", stripped)
+        if field:
+            comments[field.group(1)] = field.group(2) or " ".join(above)
+        above = []
+    return comments
+
+
 def parse_settings(cls, argv: list[str] | None, doc: str):
     """A command line made from a settings dataclass: one --flag per field (underscores become dashes),
     the field's default as the flag's; bools get --flag/--no-flag, list fields take several values.
     The scripts' docstrings (commands to run) and the fields' comments become the help text."""
-    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M))
+    comments = field_comments(inspect.getsource(cls))
     parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
@@ -354,6 +371,7 @@ class Trainer:
         set_rng_state(saved["rng"])
         state = TrainState(**saved["state"])
         self._forget_metrics_after(state.step)
+        logging.getLogger("minibert").info("minibert: resuming at step %d of %d from %s", state.step, self.total_steps, path)
         return state
 
     # --------------------------------------------------------------------- logging

@@ -210,6 +210,10 @@ def test_transformers_to_minibert_and_back(tmp_path, minilm_dir):
     # the saved tokenizer loads in transformers and in minibert, with the same ids
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "mb")
     assert hf_tok(SENTENCES[0])["input_ids"] == minibert.load_tokenizer(str(tmp_path / "mb")).encode(SENTENCES[0]).ids
+    # readable by others as any new file is (mkstemp alone would make them owner-only)
+    (tmp_path / "plain").write_text("")
+    mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731
+    assert {mode(path) for path in (tmp_path / "mb").iterdir()} == {mode(tmp_path / "plain")}
 
 
 def test_config_round_trip_keeps_unknown_keys(tmp_path):

@@ -123,3 +123,20 @@ def test_damaged_checkpoint_says_to_delete_it(tmp_path):
     with pytest.raises(ValueError, match=f"cannot read the checkpoint .*: delete {tmp_path / 'checkpoint'} and start again") as err:
         trainer.resume()
     assert "\n" not in str(err.value)
+
+
+def test_help_text_comes_from_the_comment_on_or_above_each_setting():
+    from minibert.training import field_comments
+
+    source = '''
+@dataclass
+class Settings:
+    # --- data ---
+    train_file: str | None = None  # a CSV file
+    # Train on a subset of N examples,
+    # for quick runs.
+    max_train_examples: int = 0
+    seed: int = 42
+'''
+    assert field_comments(source) == {"train_file": "a CSV file", "max_train_examples": "Train on a subset of N examples, for quick runs.",
+                                      "seed": ""}
