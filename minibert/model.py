@@ -320,7 +320,7 @@ class BertForPreTraining(PreTrainedBert):
         self.bert = BertModel(config)
         self.mlm_head = MaskedLMHead(config, self.bert.embeddings.word)
         self.nsp_head = nn.Linear(config.hidden_size, 2)
-        self.init_weights()
+        self.init_weights()  # the new head(s); the encoder is drawn again, as transformers' post_init does
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
         hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids)
@@ -382,7 +382,7 @@ class BertForSequenceClassification(PreTrainedBert):
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        self.init_weights()  # the new head(s); the encoder is drawn again, as transformers' post_init does
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ClassifierOutput:
         hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids)
@@ -404,7 +404,7 @@ class BertForTokenClassification(PreTrainedBert):
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        self.init_weights()  # the new head(s); the encoder is drawn again, as transformers' post_init does
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ClassifierOutput:
         hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids)
