@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -549,7 +548,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
                 _write_json(out_dir / "test_results.json", results["test"])
         plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", (main_metric,))
         # The run is complete: the resumable state is no longer needed.
-        shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+        trainer.remove_checkpoints()
         logger.info("minibert: best %s %.4f (step %s); model in %s", main_metric, float("nan") if state.best_metric is None else state.best_metric,
                     state.best_step, out_dir)
         if results["test"]:

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,7 +275,12 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
         logger.warning("minibert: --vocab-size is ignored: it sizes a tokenizer trained here, and "
                        "--init/--tokenizer brings its own")
     if cfg.resume:  # the run's own tokenizer: a retrained one could number the words differently
-        tokenizer = load_tokenizer(find_checkpoint(out_dir))
+        checkpoint = find_checkpoint(out_dir)
+        try:
+            tokenizer = load_tokenizer(checkpoint)
+        except (OSError, ValueError) as e:  # damaged outside minibert: its own saves are atomic
+            raise ValueError(f"cannot read the checkpoint {checkpoint} ({e}): delete {checkpoint} and start again "
+                             "without --resume") from None
     else:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.init) if (cfg.tokenizer or cfg.init) else None
     if tokenizer is not None:
@@ -367,7 +371,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     if dist.is_main:
         model.save_pretrained(out_dir, tokenizer=tokenizer)
         plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", ("mlm_loss", "mlm_accuracy", "nsp_accuracy"))
-        shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+        trainer.remove_checkpoints()
         logger.info("minibert: model in %s; fine-tune it with: python train_finetune.py --init %s", out_dir, out_dir)
     dist.barrier()
     return metrics

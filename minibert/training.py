@@ -321,7 +321,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.output_dir / f".{self.CHECKPOINT}.tmp"
             old = self.output_dir / f".{self.CHECKPOINT}.old"
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_checkpoint(tmp)
             self.model.save_pretrained(tmp, tokenizer=tokenizer)
             torch.save(
                 {
@@ -335,12 +335,20 @@ class Trainer:
             )
             if run_config is not None:
                 atomic_write_text(tmp / "run_config.json", json.dumps(absolute_paths(run_config), indent=2, default=str) + "\n")
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
             if self.checkpoint_dir.exists():
                 os.replace(self.checkpoint_dir, old)
             os.replace(tmp, self.checkpoint_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
         self.dist.barrier()
+
+    def remove_checkpoints(self) -> None:
+        """At the end of a run, whose results are written: the resumable state, and whatever a killed save
+        left behind in the output folder, are no longer needed."""
+        if self.dist.is_main:
+            for name in (f".{self.CHECKPOINT}.tmp", f".{self.CHECKPOINT}.old", self.CHECKPOINT):
+                remove_checkpoint(self.output_dir / name)
+            remove_temporary_files(self.output_dir)
 
     def find_checkpoint(self) -> Path | None:
         return find_checkpoint(self.output_dir)
@@ -392,11 +400,30 @@ class Trainer:
 
 
 def find_checkpoint(output_dir: str | Path) -> Path | None:
-    """DIR/checkpoint, or DIR/.checkpoint.old, which survives a kill between save_checkpoint's two renames."""
+    """DIR/checkpoint, or DIR/.checkpoint.old, which survives a kill between save_checkpoint's two renames.
+    A folder is a checkpoint while it holds training_state.pt: it is written last and removed first."""
     for candidate in (Path(output_dir) / Trainer.CHECKPOINT, Path(output_dir) / f".{Trainer.CHECKPOINT}.old"):
         if (candidate / "training_state.pt").is_file():
             return candidate
     return None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves the whole checkpoint or none:
+    training_state.pt, the file that makes it one, goes first (rmtree's own order is arbitrary)."""
+    (path / "training_state.pt").unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# Names of the temporary files of atomic writes: ".model.safetensors.x1y2.tmp" (checkpoint._atomic_write,
+# atomic_write_text) and ".tmpx1y2" (safetensors' own, inside that). A killed save can leave them behind.
+_TEMPORARY_NAME = re.compile(r"\..+\.tmp|\.tmp\w+")
+
+
+def remove_temporary_files(directory: Path) -> None:
+    for path in directory.iterdir() if directory.is_dir() else ():
+        if path.is_file() and _TEMPORARY_NAME.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 # Settings a resumed run may change: they say how to run or report, not what is trained.

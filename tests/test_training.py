@@ -140,3 +140,35 @@ class Settings:
 '''
     assert field_comments(source) == {"train_file": "a CSV file", "max_train_examples": "Train on a subset of N examples, for quick runs.",
                                       "seed": ""}
+
+
+def test_a_kill_while_a_checkpoint_is_removed_leaves_all_of_it_or_none(tmp_path, monkeypatch):
+    """rmtree deletes in no useful order: killed halfway, it left a folder with training_state.pt but no
+    weights, which the next run took for a checkpoint and could not read. The marker now goes first."""
+    import shutil
+
+    from minibert import training
+
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for name in ("model.safetensors", "config.json", "training_state.pt"):
+        (checkpoint / name).write_text("x")
+    assert training.find_checkpoint(tmp_path) == checkpoint
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # killed right after the first unlink
+    training.remove_checkpoint(checkpoint)
+    assert training.find_checkpoint(tmp_path) is None and (checkpoint / "model.safetensors").exists()
+
+
+def test_a_finished_run_leaves_no_checkpoint_or_temporary_files(tmp_path):
+    from minibert.training import Distributed
+
+    model = minibert.BertModel(minibert.BertConfig.preset("tiny", vocab_size=50, max_position_embeddings=16))
+    trainer = Trainer(model, TrainingSettings(lr=1e-3), 10, tmp_path, Distributed())
+    trainer.save_checkpoint(TrainState())
+    # what kills at the wrong moment leave: a checkpoint being replaced, temporary files of atomic writes
+    (tmp_path / ".checkpoint.old").mkdir()
+    (tmp_path / ".model.safetensors.a1b2.tmp").write_text("")
+    (tmp_path / ".tmpq9z8").write_text("")
+    (tmp_path / "predictions.jsonl").write_text("{}\n")
+    trainer.remove_checkpoints()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]
