@@ -63,6 +63,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import tempfile
 import time
 from array import array
@@ -774,6 +775,22 @@ def _write_split(
     return count
 
 
+
+def _remove_abandoned_builds(out_dir: Path, name: str) -> None:
+    """A killed preprocessing run leaves its half-written shards in .tmp-<name>-<host>-<pid>-*: remove those
+    of processes on this machine that no longer run (another run may be building the same shards now)."""
+    host = socket.gethostname()
+    for path in out_dir.glob(f".tmp-{name}-{host}-*"):
+        pid = path.name[len(f".tmp-{name}-{host}-"):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
 def build_pretraining_shards(
     documents: Iterable[Sequence[str]],
     tokenizer: Tokenizer,
@@ -841,7 +858,8 @@ def build_pretraining_shards(
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{shard_dir.name}-"))
+    _remove_abandoned_builds(out_dir, shard_dir.name)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".tmp-{shard_dir.name}-{socket.gethostname()}-{os.getpid()}-"))
     try:
         corpus = _tokenize_corpus(documents, tokenizer)
         if corpus.num_documents == 0:

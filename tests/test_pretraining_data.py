@@ -638,3 +638,22 @@ def test_unigram_log_probs_count_real_non_special_tokens(tmp_path):
     normal = [i for i in range(dataset.vocab_size) if i not in dataset.special_token_ids]
     assert np.allclose(log_probs.numpy()[normal], expected[normal], atol=1e-6)
     assert (log_probs[dataset.special_token_ids] == log_probs.min()).all()
+
+
+def test_shards_half_written_by_a_killed_run_are_removed_but_not_a_running_ones(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from minibert.pretraining_data import _remove_abandoned_builds
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = tmp_path / f".tmp-nsp-32-abc-{host}-{finished.stdout.strip()}-x1"
+    alive = tmp_path / f".tmp-nsp-32-abc-{host}-{os.getpid()}-x2"
+    other_shards = tmp_path / f".tmp-full-64-def-{host}-{finished.stdout.strip()}-x3"
+    for path in (dead, alive, other_shards):
+        (path / "train").mkdir(parents=True)
+    _remove_abandoned_builds(tmp_path, "nsp-32-abc")
+    assert not dead.exists() and alive.exists() and other_shards.exists()
