@@ -187,10 +187,12 @@ PROBLEM_TYPES = {"classification": "single_label_classification", "multilabel": 
 def classifier_kind(config: BertConfig, init_dir: Path) -> str | None:
     """Which head --init has: "token" or "sequence" (a classifier), or None. transformers names it in
     config.json's architectures; without that, a classifier.weight in the weights still makes it one."""
-    architectures = config.extra.get("architectures") or []
+    architectures = config.extra.get("architectures")
+    if not architectures:
+        return "sequence" if "classifier.weight" in weight_names(init_dir) else None
     if any(a.endswith("ForTokenClassification") for a in architectures):
         return "token"
-    if any(a.endswith("ForSequenceClassification") for a in architectures) or "classifier.weight" in weight_names(init_dir):
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "sequence"
     return None
 
