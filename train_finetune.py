@@ -81,6 +81,7 @@ class FinetuneConfig:
     # --- data: files, a GLUE task, or nothing for the built-in movie-review task ---
     train_file: str | None = None  # .csv, .tsv, .jsonl/.json, or CoNLL (.conll/.iob/.bio) for token classification
     validation_file: str | None = None  # the same format: picks the best checkpoint, and early stopping
+    validation_fraction: float = 0.1  # without --validation-file: this share of --train-file is held out instead
     test_file: str | None = None  # optional: scored at the end with the best model, and predictions.jsonl written
     task: str | None = None  # a GLUE task (sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli) with --data-dir
     data_dir: str | None = None  # the GLUE task's folder (train.tsv, dev.tsv, ... as GLUE ships them)
@@ -147,6 +148,18 @@ class TaskData:
     label_order: tuple[str, ...] | None = None  # fixed label ids (GLUE's), else sorted training labels
 
 
+def hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random share of the examples as validation data, the rest (in their order) for training."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--validation-fraction must be between 0 and 1, got {fraction}")
+    count = max(1, round(fraction * len(examples)))
+    if len(examples) - count < 1:
+        raise D.DataError(f"--train-file has {len(examples)} example(s): too few to hold some out for validation; "
+                          "give a --validation-file")
+    held = set(np.random.default_rng(seed).choice(len(examples), count, replace=False).tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held])
+
+
 def load_task_data(cfg: FinetuneConfig) -> TaskData:
     files = cfg.train_file or cfg.validation_file or cfg.test_file
     if cfg.task and files:
@@ -158,15 +171,22 @@ def load_task_data(cfg: FinetuneConfig) -> TaskData:
         return TaskData(spec.task_type, train, validation, test, f"glue-{cfg.task.lower()}", spec.metrics,
                         spec.main_metric, spec.labels)
     if files:
-        if not (cfg.train_file and cfg.validation_file):
-            raise D.DataError("give both --train-file and --validation-file (and optionally --test-file)")
+        if not cfg.train_file:
+            raise D.DataError("give --train-file, the labelled examples to train on (--validation-file and --test-file "
+                              "are optional)")
         task_type = cfg.task_type
         if task_type is None:
             task_type, reason = D.infer_task_type(cfg.train_file, text_column=cfg.text_column, label_column=cfg.label_column)
             logger.info("minibert: treating the data as %s: %s (--task-type chooses)", task_type, reason)
         columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
         train = D.load_examples(cfg.train_file, task_type=task_type, flag="--train-file", **columns)
-        validation = D.load_examples(cfg.validation_file, task_type=task_type, flag="--validation-file", **columns)
+        if cfg.validation_file:
+            validation = D.load_examples(cfg.validation_file, task_type=task_type, flag="--validation-file", **columns)
+        else:
+            train, validation = hold_out(train, cfg.validation_fraction, cfg.seed)
+            logger.info("minibert: no --validation-file: %d of the %d training examples (--validation-fraction %g, "
+                        "chosen by --seed) are held out for validation", len(validation), len(train) + len(validation),
+                        cfg.validation_fraction)
         test = None
         if cfg.test_file:
             test = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)

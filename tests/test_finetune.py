@@ -235,6 +235,24 @@ def test_quoted_empty_text_in_a_one_column_csv_is_an_example(tiny_init_dir, tmp_
     assert [e.text for e in examples] == ["good film", "", "bad film"]
 
 
+def test_without_a_validation_file_a_seeded_tenth_of_the_training_data_is_held_out(tiny_init_dir, tmp_path, caplog):
+    import logging
+
+    from train_finetune import hold_out
+
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(40))
+    with caplog.at_level(logging.INFO, logger="minibert"):
+        results = run(tiny_init_dir, tmp_path, "--train-file", train, "--max-steps", 2)
+    assert "4 of the 40 training examples (--validation-fraction 0.1, chosen by --seed) are held out" in caplog.text
+    assert 0 <= results["eval"]["accuracy"] <= 1
+    examples = list(range(40))
+    kept, held = hold_out(examples, 0.1, seed=0)
+    assert len(held) == 4 and sorted(kept + held) == examples and hold_out(examples, 0.1, seed=0) == (kept, held)
+    assert hold_out(examples, 0.1, seed=1)[1] != held
+    with pytest.raises(DataError, match="too few to hold some out"):
+        hold_out([1], 0.1, seed=0)
+
+
 def test_freezing(tiny_init_dir, tmp_path):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(16))
     run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 3,
