@@ -290,7 +290,10 @@ def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bo
         if key is _NOT_MAPPED:
             unknown.append(hf_key)
         elif key is not None and key not in target and not key.startswith(NEW_ALLOWED):
-            encoder_misfits.append(hf_key)  # an encoder weight this model has no place for
+            if "num_hidden_layers" in config_overrides and re.search(r"(^|\.)layers\.\d+\.", key):
+                dropped.append(hf_key)  # the layers above a model asked to keep fewer of them
+            else:
+                encoder_misfits.append(hf_key)  # an encoder weight this model has no place for
         elif key is None or key not in target:
             dropped.append(hf_key)  # tied or buffer keys, or another model's head (cls.* in a classifier)
         elif reinit_head and key.startswith(REINIT_ALLOWED):

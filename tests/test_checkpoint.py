@@ -312,6 +312,22 @@ def test_float16_checkpoint_saved_as_float32_says_so(tmp_path):
     assert transformers.BertModel.from_pretrained(tmp_path / "out").dtype == torch.float32
 
 
+def test_fewer_layers_than_the_checkpoint_only_when_asked(tmp_path, caplog):
+    """Keeping the bottom layers of a deeper BERT is a deliberate choice (num_hidden_layers=...), said in the
+    log; weights the config does not account for otherwise are an error, not a silent drop."""
+    hf = hf_classifier(tmp_path, num_labels=2)
+    with caplog.at_level(logging.WARNING, logger="minibert"):
+        model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path), num_hidden_layers=1).eval()
+    assert len(model.bert.layers) == 1
+    assert "weights not used by BertForSequenceClassification: bert.encoder.layer.*.attention" in caplog.text
+    torch.testing.assert_close(model.bert.layers[0].attention.query.weight,
+                               hf.bert.encoder.layer[0].attention.self.query.weight)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(ValueError, match="encoder weights the model built from its config.json has no place for"):
+        minibert.BertForSequenceClassification.from_pretrained(str(tmp_path))
+
+
 def test_config_validation_messages():
     with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
         BertConfig(hidden_size=100, num_attention_heads=12)
