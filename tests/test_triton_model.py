@@ -18,12 +18,13 @@ def test_triton_backend_matches_eager_outputs_and_gradients(unpad):
     cfg = minibert.BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,  # head dim 32
                               intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
                               attention_probs_dropout_prob=0.0, num_labels=3, attn_impl="eager")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, the interpreter on a CPU
     torch.manual_seed(0)
-    reference = minibert.BertForSequenceClassification(cfg)
-    model = minibert.BertForSequenceClassification(cfg.replace(attn_impl="triton", unpad=unpad))
+    reference = minibert.BertForSequenceClassification(cfg).to(device)
+    model = minibert.BertForSequenceClassification(cfg.replace(attn_impl="triton", unpad=unpad)).to(device)
     model.load_state_dict(reference.state_dict())
-    ids, mask, types = padded_batch(lengths=(7, 3, 1, 5))
-    labels = torch.tensor([0, 2, 1, 1])
+    ids, mask, types = (t.to(device) for t in padded_batch(lengths=(7, 3, 1, 5)))
+    labels = torch.tensor([0, 2, 1, 1], device=device)
     ref = reference(ids, mask, types, labels=labels)
     out = model(ids, mask, types, labels=labels)
     assert (ref.logits - out.logits).abs().max() < 1e-5
@@ -36,6 +37,7 @@ def test_triton_backend_matches_eager_outputs_and_gradients(unpad):
 def test_unsupported_head_dim_is_a_clear_error():
     cfg = minibert.BertConfig.preset("tiny", vocab_size=50, num_attention_heads=4, attn_impl="triton")  # head dim 32
     cfg = cfg.replace(hidden_size=40, num_attention_heads=5)  # head dim 8
-    model = minibert.BertModel(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = minibert.BertModel(cfg).to(device)
     with pytest.raises(ValueError, match="head"):
-        model(torch.ones(1, 4, dtype=torch.long))
+        model(torch.ones(1, 4, dtype=torch.long, device=device))

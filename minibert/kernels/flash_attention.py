@@ -64,6 +64,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are pre-multiplied by log2(e)
 
 
+# Integers that change from call to call (the batch's token count and longest sequence, a fresh dropout seed):
+# Triton would otherwise compile a kernel variant for each "equals 1 / divisible by 16" pattern they show,
+# several seconds each, in the middle of a run.
+_PER_CALL_INTS = ["total_tokens", "max_seqlen", "seed"]
+
+
 @triton.jit
 def _keep_entry(seed, head, tokens, cols, total_tokens, max_seqlen, dropout_p):
     """Dropout keep-flags of one head for a tile, tokens and cols broadcasting to its shape.
@@ -99,7 +105,7 @@ def _key_valid(KEY_VALID, seq_start, cols, seqlen, HAS_KEY_MASK: tl.constexpr):
     return valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
 def _forward_kernel(
     Q, K, V, O, LSE, CU_SEQLENS, KEY_VALID,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -163,7 +169,7 @@ def _forward_kernel(
     tl.store(LSE + head.to(tl.int64) * total_tokens + seq_start + rows, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_tokens"])
 def _backward_preprocess_kernel(
     O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_tokens,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -180,7 +186,7 @@ def _backward_preprocess_kernel(
     tl.store(DELTA + head.to(tl.int64) * total_tokens + tokens, delta, mask=tokens < total_tokens)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
 def _backward_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, KEY_VALID,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -250,7 +256,7 @@ def _backward_dkdv_kernel(
     tl.store(DV + cols[:, None] * stride_dvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=col_in_seq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
 def _backward_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, CU_SEQLENS, KEY_VALID,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -309,7 +315,7 @@ def _backward_dq_kernel(
              mask=row_in_seq[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
 def _dropout_mask_kernel(
     KEEP, CU_SEQLENS, stride_kb, stride_kh, stride_km, total_tokens, max_seqlen, dropout_p, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
