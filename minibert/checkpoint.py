@@ -61,6 +61,9 @@ TIED_KEYS = {"mlm_head.word_embeddings.weight": "bert.embeddings.word.weight"}
 # checkpoint saved without one. Anything else missing means the checkpoint is not what it claims to be.
 NEW_ALLOWED = ("classifier.", "mlm_head.", "nsp_head.", "bert.pooler.", "pooler.")
 REINIT_ALLOWED = ("classifier.",)
+# Weights a model keeps in a file of its own beside model.safetensors, because transformers has no place for
+# them: the CRF's transition scores (crf.safetensors, minibert/crf.py). This table neither saves nor loads them.
+SAVED_APART = ("crf.",)
 
 LEGACY_SUFFIXES = {"gamma": "weight", "beta": "bias"}  # TF-era LayerNorm names in old pytorch_model.bin files
 
@@ -282,7 +285,7 @@ def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bo
     source = read_state_dict(directory)
     model = cls(config)
     encoder_prefix = "bert." if hasattr(model, "bert") else ""  # task models hold the encoder as .bert
-    target = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    target = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS and not k.startswith(SAVED_APART)}
 
     loaded, dropped, unknown, reinitialised, encoder_misfits = {}, [], [], [], []
     for hf_key, tensor in source.items():
@@ -378,6 +381,8 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     encoder_prefix = "bert." if hasattr(model, "bert") else ""
     tensors = {}
     for key, tensor in model.state_dict().items():
+        if key.startswith(SAVED_APART):
+            continue
         hf_key = minibert_to_hf_key(key, encoder_prefix)
         if hf_key is not None:
             tensors[hf_key] = tensor.detach().to("cpu").contiguous()
