@@ -17,6 +17,10 @@ What each task type expects, and reports by default:
                           names the tags. precision, recall, f1 of whole entities (seqeval's default
                           CoNLL-eval mode, which also accepts IOB1), and token accuracy.
 
+per_class_scores(task_type, predictions, references, id2label=...) gives precision, recall, F1 and support
+of each class (classification), label (multilabel) or entity type (token classification), from the same
+inputs: the averages hide what happens to a rare class.
+
 Degenerate cases: a correlation with a constant input (or fewer than two examples) is undefined; it is
 reported as 0.0, "no correlation shown", so that choosing the best checkpoint stays well defined. An F1,
 precision or recall whose denominator is zero is 0.0 too (zero_division=0).
@@ -29,10 +33,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from seqeval.metrics import accuracy_score as token_accuracy
+from seqeval.metrics import classification_report as entity_report
 from seqeval.metrics import f1_score as entity_f1
 from seqeval.metrics import precision_score as entity_precision
 from seqeval.metrics import recall_score as entity_recall
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error, precision_recall_fscore_support
 
 METRICS = {  # every metric of each task type, all reported by default
     "classification": ("accuracy", "f1", "mcc"),
@@ -87,6 +92,34 @@ def compute_metrics(
     return {name: float(scores[name]) for name in names}
 
 
+def per_class_scores(
+    task_type: str, predictions, references, *, id2label: Mapping[int | str, str]
+) -> dict[str, dict[str, float]]:
+    """{name: {"precision", "recall", "f1", "support"}} for each class, label or entity type (support: how
+    many references have it), in id order (entity types sorted); inputs as for compute_metrics."""
+    labels = {int(i): label for i, label in id2label.items()}
+    if task_type == "token-classification":
+        predicted_tags, reference_tags = _tag_sequences(predictions, references, labels)
+        report = entity_report(reference_tags, predicted_tags, output_dict=True, zero_division=0)
+        types = sorted(k for k in report if not k.endswith(" avg"))
+        return {t: {"precision": float(report[t]["precision"]), "recall": float(report[t]["recall"]),
+                    "f1": float(report[t]["f1-score"]), "support": int(report[t]["support"])} for t in types}
+    if task_type == "classification":
+        predictions, references = np.asarray(predictions), np.asarray(references)
+        if predictions.ndim == 2:
+            predictions = predictions.argmax(axis=-1)
+    elif task_type == "multilabel":
+        predictions, references = _multilabel_decisions(predictions, references)
+    else:
+        raise ValueError(f"{task_type} has no classes to score one by one")
+    _same_length(predictions, references)
+    ids = sorted(labels)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        references, predictions, labels=ids, average=None, zero_division=0.0)
+    return {labels[i]: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for i, p, r, f, n in zip(ids, precision, recall, f1, support)}
+
+
 def _same_length(predictions: np.ndarray, references: np.ndarray) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
@@ -127,7 +160,8 @@ def _regression(predictions, references, id2label=None) -> dict[str, float]:
     }
 
 
-def _multilabel(predictions, references, id2label=None) -> dict[str, float]:
+def _multilabel_decisions(predictions, references) -> tuple[np.ndarray, np.ndarray]:
+    """(N, L) 0/1 predictions and references from probabilities (>= MULTILABEL_THRESHOLD) or decisions."""
     predictions, references = np.asarray(predictions), np.asarray(references).astype(np.int64)
     if predictions.shape != references.shape or predictions.ndim != 2:
         raise ValueError(
@@ -137,7 +171,11 @@ def _multilabel(predictions, references, id2label=None) -> dict[str, float]:
         if predictions.min() < 0 or predictions.max() > 1:
             raise ValueError("multilabel predictions outside [0, 1] look like logits; pass sigmoid probabilities")
         predictions = predictions >= MULTILABEL_THRESHOLD
-    predictions = predictions.astype(np.int64)
+    return predictions.astype(np.int64), references
+
+
+def _multilabel(predictions, references, id2label=None) -> dict[str, float]:
+    predictions, references = _multilabel_decisions(predictions, references)
     return {
         "f1_micro": f1_score(references, predictions, average="micro", zero_division=0.0),
         "f1_macro": f1_score(references, predictions, average="macro", zero_division=0.0),
@@ -145,9 +183,8 @@ def _multilabel(predictions, references, id2label=None) -> dict[str, float]:
     }
 
 
-def _token_classification(predictions, references, id2label: dict[int, str] | None) -> dict[str, float]:
-    if id2label is None:
-        raise ValueError("token classification metrics need id2label to turn tag ids into tags")
+def _tag_sequences(predictions, references, id2label: dict[int, str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Predicted and reference tags per sentence, without the positions whose reference is -100."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predicted sentences for {len(references)} references")
     predicted_tags, reference_tags = [], []
@@ -158,6 +195,13 @@ def _token_classification(predictions, references, id2label: dict[int, str] | No
         kept = reference != -100
         predicted_tags.append([id2label[int(tag)] for tag in predicted[kept]])
         reference_tags.append([id2label[int(tag)] for tag in reference[kept]])
+    return predicted_tags, reference_tags
+
+
+def _token_classification(predictions, references, id2label: dict[int, str] | None) -> dict[str, float]:
+    if id2label is None:
+        raise ValueError("token classification metrics need id2label to turn tag ids into tags")
+    predicted_tags, reference_tags = _tag_sequences(predictions, references, id2label)
     return {
         "precision": entity_precision(reference_tags, predicted_tags, zero_division=0),
         "recall": entity_recall(reference_tags, predicted_tags, zero_division=0),

@@ -246,8 +246,10 @@ class Trainer:
     CHECKPOINT = "checkpoint"  # DIR/checkpoint/: the latest resumable state
 
     def __init__(self, model: nn.Module, settings: TrainingSettings, total_steps: int, output_dir: str | Path,
-                 dist: Distributed | None = None):
-        self.settings, self.total_steps = settings, total_steps
+                 dist: Distributed | None = None, loss_fn=None):
+        """loss_fn(logits, labels) -> loss replaces the model's own loss (class weights, minibert.class_weights):
+        the model then runs without labels, as transformers' Trainer does with compute_loss_func."""
+        self.settings, self.total_steps, self.loss_fn = settings, total_steps, loss_fn
         self.dist = dist or Distributed()
         self.output_dir = Path(output_dir)
         self.device = self.dist.device
@@ -284,9 +286,11 @@ class Trainer:
             # DDP all-reduces gradients on every backward; skip that until the last micro-batch.
             sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.train_model.no_sync()
             with sync:
+                inputs = self.to_device(batch)
+                labels = inputs.pop("labels") if self.loss_fn is not None else None
                 with self.autocast():
-                    out = self.train_model(**self.to_device(batch))
-                loss = out.loss / len(micro_batches)
+                    out = self.train_model(**inputs)
+                loss = (out.loss if labels is None else self.loss_fn(out.logits, labels)) / len(micro_batches)
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
             if metrics_fn is not None:
