@@ -44,8 +44,9 @@ from tqdm.auto import tqdm
 
 from minibert import data as D
 from minibert.assets import MINILM_HUB_ID
-from minibert.checkpoint import resolve_model_dir, weight_names
+from minibert.checkpoint import weight_names
 from minibert.config import BertConfig
+from minibert.hub import resolve_model_dir
 from minibert.metrics import MAIN_METRIC, compute_metrics, greater_is_better
 from minibert.model import BertForSequenceClassification, BertForTokenClassification
 from minibert.tokenizer import load_tokenizer

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from minibert import pretraining_data as P
 from minibert.assets import cache_dir
-from minibert.checkpoint import resolve_model_dir
 from minibert.config import PRESETS, BertConfig
+from minibert.hub import resolve_model_dir
 from minibert.model import BertForPreTraining
 from minibert.tokenizer import REQUIRED_SPECIAL_TOKENS, check_special_tokens, load_tokenizer
 from minibert.training import (

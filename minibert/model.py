@@ -17,6 +17,7 @@ every layer works the same on either, because only attention needs to know where
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, dropo
     return flash_attention(q, k, v, key_padding_mask=layout.attention_mask, dropout_p=dropout_p)
 
 
+# config.ATTENTION_BACKEND_NAMES lists these names too, so that BertConfig can check attn_impl without this file.
 ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "triton": triton_attention}
 
 
@@ -180,6 +182,15 @@ class BertOutput:
     pooler_output: Tensor | None  # (B, C): tanh(dense([CLS])), None for a model built without a pooler
 
 
+# Reading and writing Hugging Face checkpoints is checkpoint.py's work, and checkpoint.py builds on this file,
+# so this file imports nothing from it: dependencies point one way (config -> model -> checkpoint), with no
+# circle. `BertModel.from_pretrained(...)` stays a method all the same, because that is what users write:
+# the two methods below call the loader and saver that checkpoint.py puts into this table when it is
+# imported. `import minibert` imports checkpoint.py, and Python runs it before any `minibert.x` import, so
+# the table is filled before a model class can be used.
+CHECKPOINT_IO: dict[str, Callable] = {}  # "load": checkpoint.load_pretrained, "save": checkpoint.save_pretrained
+
+
 class PreTrainedBert(nn.Module):
     """What every minibert model shares: BERT's initialisation and the Hugging Face checkpoint format."""
 
@@ -209,15 +220,11 @@ class PreTrainedBert(nn.Module):
         `config_overrides` change config fields (e.g. num_labels=3, attn_impl="eager"). A classifier
         head whose shape differs from the checkpoint's is an error unless reinit_head=True.
         """
-        from minibert.checkpoint import load_pretrained
-
-        return load_pretrained(cls, name_or_path, reinit_head=reinit_head, verbose=verbose, **config_overrides)
+        return CHECKPOINT_IO["load"](cls, name_or_path, reinit_head=reinit_head, verbose=verbose, **config_overrides)
 
     def save_pretrained(self, directory, tokenizer=None) -> None:
         """Write an HF-format directory (config.json, model.safetensors, tokenizer files) that transformers loads."""
-        from minibert.checkpoint import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer)
+        CHECKPOINT_IO["save"](self, directory, tokenizer=tokenizer)
 
 
 class BertModel(PreTrainedBert):

@@ -13,12 +13,12 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from minibert.hub import resolve_model_dir
+
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     """From tokenizer.json when the checkpoint has one, else from vocab.txt and tokenizer_config.json's
     casing, built exactly as transformers' BertTokenizerFast builds it."""
-    from minibert.checkpoint import resolve_model_dir
-
     directory = resolve_model_dir(name_or_path, need_weights=False)
     if (directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))

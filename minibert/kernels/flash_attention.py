@@ -47,7 +47,7 @@ import os
 
 import torch
 
-from minibert.kernels import NO_DEVICE_MESSAGE, NO_TRITON_MESSAGE  # defined before __init__ imports us
+from minibert.kernels.availability import NO_DEVICE_MESSAGE, NO_TRITON_MESSAGE
 
 try:
     import triton
