@@ -477,7 +477,7 @@ def test_torchrun_two_processes(tiny_init_dir, tmp_path):
 
     root = Path(__file__).parents[1]
     train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "train_finetune.py"), "--init", str(tiny_init_dir), "--train-file", str(train),
            "--validation-file", str(train), "--test-file", str(train), "--output-dir", str(tmp_path / "out"),
            "--batch-size", "4", "--max-steps", "4", "--eval-steps", "2", "--no-progress"]

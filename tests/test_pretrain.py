@@ -152,7 +152,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(corpus, 
     off: each rank draws its own dropout masks, so with dropout the two runs differ by design."""
     train_pretrain.main(tiny_args(corpus, tmp_path / "single", "--grad-accum", 2, "--dropout", 0))  # builds the cache
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train_pretrain.py"), *tiny_args(corpus, tmp_path / "ddp", "--dropout", 0)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
