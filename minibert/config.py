@@ -24,6 +24,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": dict(num_hidden_layers=24, hidden_size=1024),
 }
 
+# The label that takes no loss (torch's cross_entropy skips it): padding, special tokens, unmasked MLM positions.
+IGNORE_INDEX = -100
+
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 # The names of model.ATTENTION_BACKENDS, the registry of attention functions. Written out here so that the

@@ -10,8 +10,10 @@ not. Checkpoint loading and saving in HF's format live in `checkpoint.py`; unpad
 Shapes use these letters:
     B batch, T sequence length (padded), N real tokens in the batch (unpadded), C hidden size,
     H attention heads, D head dim (C = H * D), V vocabulary size, L labels
-When a batch has padding and `config.unpad` is on, hidden states are (N, C) instead of (B, T, C):
-every layer works the same on either, because only attention needs to know where sequences start.
+When a batch has padding and `config.unpad` is on, the real tokens are packed: hidden states are (N, C)
+instead of (B, T, C). Every layer works the same on either, because only attention needs to know where
+sequences start. Attention masks must be right-padded with no empty row (padding.py says why); others
+are refused in both layouts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from minibert.config import BertConfig
+from minibert.config import IGNORE_INDEX, BertConfig
 from minibert.padding import TokenLayout
 
 # ----------------------------------------------------------------------------- activations
@@ -67,7 +69,7 @@ class Embeddings(nn.Module):
 #
 # Every backend has one signature:
 #     backend(q, k, v, layout, dropout_p) -> out
-# q, k, v and out are (B, T, H, D) on a padded batch, or (N, H, D) when the layout is unpadded.
+# q, k, v and out are (B, T, H, D) on a padded batch, or (N, H, D) when the layout is packed.
 # `layout.attention_mask` (B, T) marks real keys; `layout.cu_seqlens` delimits packed sequences.
 # The softmax scale is 1/sqrt(D). Choose one by name with `BertConfig.attn_impl`.
 # Backends are interchangeable implementations of the same math (tests hold them to the eager reference):
@@ -76,33 +78,33 @@ class Embeddings(nn.Module):
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, dropout_p: float) -> Tensor:
     """The reference: softmax(q k^T / sqrt(D) + mask) v, written out."""
-    if layout.unpadded:  # attention compares tokens within a sequence, so lay them out as (B, T) again
-        q, k, v = layout.pad(q), layout.pad(k), layout.pad(v)  # (B, T, H, D)
+    if layout.packed:  # attention compares tokens within a sequence, so lay them out as (B, T) again
+        q, k, v = layout.unpack(q), layout.unpack(k), layout.unpack(v)  # (B, T, H, D)
     q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, T)
     if layout.attention_mask is not None:  # padded keys get no weight (finfo.min, not -inf: no NaN in any row)
         scores = scores.masked_fill(~layout.attention_mask[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)  # the caller passes dropout_p=0.0 in eval mode
     out = rearrange(probs @ v, "b h t d -> b t h d")
-    return layout.unpad(out) if layout.unpadded else out
+    return layout.pack(out) if layout.packed else out
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, dropout_p: float) -> Tensor:
     """torch's fused scaled_dot_product_attention (flash / memory-efficient / C++ math kernels)."""
-    if layout.unpadded:
-        q, k, v = layout.pad(q), layout.pad(k), layout.pad(v)  # (B, T, H, D)
+    if layout.packed:
+        q, k, v = layout.unpack(q), layout.unpack(k), layout.unpack(v)  # (B, T, H, D)
     q, k, v = (rearrange(t, "b t h d -> b h t d") for t in (q, k, v))
     mask = None if layout.attention_mask is None else layout.attention_mask[:, None, None, :]  # (B, 1, 1, T)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     out = rearrange(out, "b h t d -> b t h d")
-    return layout.unpad(out) if layout.unpadded else out
+    return layout.pack(out) if layout.packed else out
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, dropout_p: float) -> Tensor:
     """minibert's FlashAttention kernel (minibert/kernels): reads packed sequences directly, no padding."""
     from minibert.kernels import flash_attention  # triton is an optional dependency
 
-    if layout.unpadded:
+    if layout.packed:
         return flash_attention(q, k, v, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, dropout_p=dropout_p)
     return flash_attention(q, k, v, key_padding_mask=layout.attention_mask, dropout_p=dropout_p)
 
@@ -178,7 +180,7 @@ class Pooler(nn.Module):
 
 @dataclass
 class BertOutput:
-    last_hidden_state: Tensor  # (B, T, C), zeros at padded positions when unpadded
+    last_hidden_state: Tensor  # (B, T, C), zeros at padded positions when packed
     pooler_output: Tensor | None  # (B, C): tanh(dense([CLS])), None for a model built without a pooler
 
 
@@ -200,7 +202,7 @@ class PreTrainedBert(nn.Module):
         """BERT's initialisation for training from scratch: N(0, 0.02) weights, zero biases, unit norms.
         `part` (a submodule) re-initialises only that part, e.g. the top layers before fine-tuning."""
         std = self.config.initializer_range
-        for module in (part or self).modules():
+        for module in (self if part is None else part).modules():  # an empty ModuleList is falsy, not None
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
@@ -212,6 +214,28 @@ class PreTrainedBert(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def parameter_groups(self, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+        """AdamW parameter groups: no weight decay on biases and LayerNorms (the 1-D parameters); with
+        layer_lr_decay < 1, layer i of L gets lr_scale = decay**(L - i), the embeddings decay**(L + 1), and
+        everything above the encoder (pooler, heads) 1.0, as in ULMFiT and ELECTRA. Frozen parameters are left out."""
+        if not 0.0 < layer_lr_decay <= 1.0:  # 0 zeroes the embeddings' rate, a negative one ascends the loss
+            raise ValueError(f"layer_lr_decay must be in (0, 1] (1 is no decay, 0.8-0.95 are usual), got {layer_lr_decay}")
+        encoder = getattr(self, "bert", self)  # task models hold the encoder as .bert
+        L = len(encoder.layers)
+        depth_of = {}  # parameter -> how many layers below the top it sits
+        for p in encoder.embeddings.parameters():
+            depth_of[p] = L + 1
+        for i, layer in enumerate(encoder.layers):
+            for p in layer.parameters():
+                depth_of[p] = L - i
+        groups: dict[tuple[float, float], list] = {}
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            key = (weight_decay if p.ndim >= 2 else 0.0, layer_lr_decay ** depth_of.get(p, 0))
+            groups.setdefault(key, []).append(p)
+        return [{"params": ps, "weight_decay": wd, "lr_scale": scale} for (wd, scale), ps in sorted(groups.items())]
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, reinit_head: bool = False, verbose: bool = True, **config_overrides):
@@ -239,7 +263,7 @@ class BertModel(PreTrainedBert):
         self.init_weights()
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None):
-        """Run the encoder and return (hidden, layout): hidden is (N, C) when the layout is unpadded,
+        """Run the encoder and return (hidden, layout): hidden is (N, C) when the layout is packed,
         (B, T, C) otherwise. Task heads take what they need from it without padding it back."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
@@ -247,12 +271,12 @@ class BertModel(PreTrainedBert):
                 f"sequence length {T} exceeds the model's {self.config.max_position_embeddings} positions: "
                 f"truncate inputs to at most {self.config.max_position_embeddings} tokens (--max-length)"
             )
-        layout = TokenLayout.from_mask(attention_mask, B, T, unpad=self.config.unpad)
+        layout = TokenLayout.from_mask(attention_mask, B, T, pack=self.config.unpad)
         position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        if layout.unpadded:  # embed only the real tokens: (B, T) -> (N,)
-            input_ids, position_ids, token_type_ids = map(layout.unpad, (input_ids, position_ids, token_type_ids))
+        if layout.packed:  # embed only the real tokens: (B, T) -> (N,)
+            input_ids, position_ids, token_type_ids = map(layout.pack, (input_ids, position_ids, token_type_ids))
         x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, C) or (N, C)
         for layer in self.layers:
             x = layer(x, layout)
@@ -261,10 +285,7 @@ class BertModel(PreTrainedBert):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> BertOutput:
         hidden, layout = self.encode(input_ids, attention_mask, token_type_ids)
         pooled = self.pooler(layout.first_tokens(hidden)) if self.pooler is not None else None
-        return BertOutput(layout.pad(hidden) if layout.unpadded else hidden, pooled)
-
-    def parameter_groups(self, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
-        return group_parameters(self, self, weight_decay, layer_lr_decay)
+        return BertOutput(layout.unpack(hidden) if layout.packed else hidden, pooled)
 
 
 # ----------------------------------------------------------------------------- the masked-LM head
@@ -287,26 +308,6 @@ class MaskedLMHead(nn.Module):
 
 
 # ----------------------------------------------------------------------------- task models
-
-
-def group_parameters(model: nn.Module, encoder: BertModel, weight_decay: float, layer_lr_decay: float) -> list[dict]:
-    """AdamW parameter groups: no weight decay on biases and LayerNorms (the 1-D parameters); with
-    layer_lr_decay < 1, layer i of L gets lr_scale = decay**(L - i), the embeddings decay**(L + 1), and
-    everything above the encoder (pooler, heads) 1.0, as in ULMFiT and ELECTRA. Frozen parameters are left out."""
-    L = len(encoder.layers)
-    depth_of = {}  # parameter -> how many layers below the top it sits
-    for p in encoder.embeddings.parameters():
-        depth_of[p] = L + 1
-    for i, layer in enumerate(encoder.layers):
-        for p in layer.parameters():
-            depth_of[p] = L - i
-    groups: dict[tuple[float, float], list] = {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        key = (weight_decay if p.ndim >= 2 else 0.0, layer_lr_decay ** depth_of.get(p, 0))
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "weight_decay": wd, "lr_scale": scale} for (wd, scale), ps in sorted(groups.items())]
 
 
 @dataclass
@@ -334,12 +335,12 @@ class BertForPreTraining(PreTrainedBert):
         nsp_logits = self.nsp_head(self.bert.pooler(layout.first_tokens(hidden)))  # (B, 2)
         mlm_loss = nsp_loss = None
         if labels is None:
-            mlm_logits = self.mlm_head(layout.pad(hidden) if layout.unpadded else hidden)  # (B, T, V)
+            mlm_logits = self.mlm_head(layout.unpack(hidden) if layout.packed else hidden)  # (B, T, V)
         else:
             # The vocabulary projection is the most expensive matmul in pretraining; run it only on the
             # ~15% of positions that carry a label.
-            flat_labels = layout.flat_tokens(labels)  # (N,) or (B*T,)
-            masked = flat_labels != -100
+            flat_labels = layout.flat_labels(labels)  # (N,) or (B*T,), IGNORE_INDEX at padding
+            masked = flat_labels != IGNORE_INDEX
             mlm_logits = self.mlm_head(hidden.reshape(-1, hidden.shape[-1])[masked])  # (M, V)
             if len(mlm_logits):
                 mlm_loss = F.cross_entropy(mlm_logits.float(), flat_labels[masked])
@@ -349,9 +350,6 @@ class BertForPreTraining(PreTrainedBert):
             nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
         losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
         return PreTrainingOutput(sum(losses) if losses else None, mlm_logits, nsp_logits, mlm_loss, nsp_loss)
-
-    def parameter_groups(self, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
-        return group_parameters(self, self.bert, weight_decay, layer_lr_decay)
 
 
 @dataclass
@@ -397,12 +395,10 @@ class BertForSequenceClassification(PreTrainedBert):
         loss = classification_loss(logits, labels, self.config.problem_type) if labels is not None else None
         return ClassifierOutput(loss, logits)
 
-    def parameter_groups(self, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
-        return group_parameters(self, self.bert, weight_decay, layer_lr_decay)
-
 
 class BertForTokenClassification(PreTrainedBert):
-    """Every token -> dropout -> linear; labels of -100 (padding, non-first word pieces) are ignored."""
+    """Every token -> dropout -> linear; labels of IGNORE_INDEX (-100: special tokens, non-first word
+    pieces) are ignored, and so is any label at a padded position."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -418,8 +414,5 @@ class BertForTokenClassification(PreTrainedBert):
         logits = self.classifier(self.dropout(hidden))  # (B, T, L) or (N, L)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), layout.flat_tokens(labels))
-        return ClassifierOutput(loss, layout.pad(logits) if layout.unpadded else logits)
-
-    def parameter_groups(self, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
-        return group_parameters(self, self.bert, weight_decay, layer_lr_decay)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), layout.flat_labels(labels))
+        return ClassifierOutput(loss, layout.unpack(logits) if layout.packed else logits)

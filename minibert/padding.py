@@ -11,7 +11,12 @@ needs to know where one sequence ends and the next begins; it reads that from `c
     max_seqlen       int              the longest sequence, for kernels that tile by length
 
 Example: attention_mask [[1, 1, 1], [1, 1, 0]] gives indices [0, 1, 2, 3, 4], cu_seqlens [0, 3, 5].
-(The mask must be right-padded, as BERT tokenizers produce.)
+
+The mask must be right-padded, as BERT tokenizers produce: each row some 1s, then only 0s. Any other
+mask is refused, in the packed layout and the padded one alike. BERT reads [CLS] at position 0 and
+numbers positions from there, so a left-padded row has no right answer: transformers shifts its
+positions and pools a [PAD] vector, and packing would pool the first real token instead. A row of
+zeros has no [CLS] to pool at all.
 """
 
 from __future__ import annotations
@@ -22,6 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minibert.config import IGNORE_INDEX
+
+
+def check_right_padded(mask: Tensor) -> None:
+    """One-line errors for the masks the encoder cannot handle; `mask` is a (batch, seqlen) bool tensor
+    already known to hold some padding. Only the error path reads more than one flag off the device."""
+    empty = ~mask[:, 0]  # a right-padded row with a 0 at position 0 is all zeros
+    hole = (~mask[:, :-1] & mask[:, 1:]).any(dim=1)  # a 0 followed by a 1
+    if not bool((empty | hole).any()):
+        return
+    row = int((empty | hole).nonzero()[0])
+    if hole[row]:
+        raise ValueError(f"attention_mask row {row} is not right-padded (a 0 before a 1): pad on the right, as BERT "
+                         "tokenizers do (padding_side='right'), with the real tokens first and [CLS] at position 0")
+    raise ValueError(f"attention_mask row {row} has no tokens (all zeros): every sequence needs at least its [CLS] "
+                     "token; leave empty rows out of the batch")
+
 
 @dataclass
 class TokenLayout:
@@ -30,35 +52,38 @@ class TokenLayout:
     batch_size: int
     seqlen: int
     attention_mask: Tensor | None  # (batch, seqlen) bool, True = real token; None when nothing is padded
-    indices: Tensor | None = None  # (total_tokens,) set when unpadded
-    cu_seqlens: Tensor | None = None  # (batch + 1,) int32, set when unpadded
-    max_seqlen: int | None = None  # set when unpadded
+    indices: Tensor | None = None  # (total_tokens,) set when packed
+    cu_seqlens: Tensor | None = None  # (batch + 1,) int32, set when packed
+    max_seqlen: int | None = None  # set when packed
 
     @property
-    def unpadded(self) -> bool:
+    def packed(self) -> bool:
+        """True when hidden states are (total_tokens, ...) rather than (batch, seqlen, ...)."""
         return self.indices is not None
 
     @classmethod
     @torch.compiler.disable  # reads the mask's values (data-dependent shapes): runs eagerly under torch.compile
-    def from_mask(cls, attention_mask: Tensor | None, batch_size: int, seqlen: int, *, unpad: bool) -> "TokenLayout":
-        """Describe a batch; unpad only when asked and when there is padding to remove."""
+    def from_mask(cls, attention_mask: Tensor | None, batch_size: int, seqlen: int, *, pack: bool) -> "TokenLayout":
+        """Describe a batch; pack the real tokens only when asked and when there is padding to remove.
+        A mask that is not right-padded, or has an empty row, is a ValueError (see the module docstring)."""
         if attention_mask is None:
             return cls(batch_size, seqlen, None)
         mask = attention_mask.bool()
-        if bool(mask.all()):
+        if bool(mask.all()):  # the one read from the device on the common path
             return cls(batch_size, seqlen, None)  # nothing to skip: the padded path is the fast one
-        if not unpad:
+        check_right_padded(mask)
+        if not pack:
             return cls(batch_size, seqlen, mask)
         seqlens = mask.sum(dim=1, dtype=torch.int32)  # (batch,)
         indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()  # (total_tokens,)
         cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))  # (batch + 1,)
         return cls(batch_size, seqlen, mask, indices, cu_seqlens, int(seqlens.max()))
 
-    def unpad(self, x: Tensor) -> Tensor:
-        """(batch, seqlen, ...) -> (total_tokens, ...)"""
+    def pack(self, x: Tensor) -> Tensor:
+        """(batch, seqlen, ...) -> (total_tokens, ...): the real tokens, in (batch, position) order."""
         return x.flatten(0, 1)[self.indices]
 
-    def pad(self, x: Tensor) -> Tensor:
+    def unpack(self, x: Tensor) -> Tensor:
         """(total_tokens, ...) -> (batch, seqlen, ...), zeros at padded positions."""
         out = x.new_zeros(self.batch_size * self.seqlen, *x.shape[1:])
         out[self.indices] = x  # index_put: differentiable, gradients flow back to x
@@ -66,9 +91,14 @@ class TokenLayout:
 
     def first_tokens(self, x: Tensor) -> Tensor:
         """The [CLS] vector of each sequence: (batch, seqlen, C) or (total_tokens, C) -> (batch, C)."""
-        return x[self.cu_seqlens[:-1].long()] if self.unpadded else x[:, 0]
+        return x[self.cu_seqlens[:-1].long()] if self.packed else x[:, 0]
 
-    def flat_tokens(self, x: Tensor) -> Tensor:
-        """Per-token values in the hidden states' layout: (batch, seqlen, ...) -> (tokens, ...),
-        i.e. only real tokens when unpadded, every position otherwise."""
-        return self.unpad(x) if self.unpadded else x.flatten(0, 1)
+    def flat_labels(self, labels: Tensor) -> Tensor:
+        """Per-token labels (batch, seqlen) in the hidden states' flat layout, (total_tokens,) when packed,
+        (batch * seqlen,) otherwise, with IGNORE_INDEX at padded positions: padding never takes a loss,
+        whatever label it carries, so the loss is the same in both layouts."""
+        if self.packed:
+            return self.pack(labels)
+        if self.attention_mask is not None:
+            labels = labels.masked_fill(~self.attention_mask, IGNORE_INDEX)
+        return labels.flatten(0, 1)

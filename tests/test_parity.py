@@ -78,8 +78,9 @@ def test_bert_model(tmp_path, attn_impl, unpad):
 
 
 @pytest.mark.parametrize("attn_impl", BACKENDS)
-def test_pretraining(tmp_path, attn_impl):
-    hf, mb = build_pair(tmp_path, transformers.BertForPreTraining, minibert.BertForPreTraining, attn_impl)
+@pytest.mark.parametrize("unpad", [True, False])
+def test_pretraining(tmp_path, attn_impl, unpad):
+    hf, mb = build_pair(tmp_path, transformers.BertForPreTraining, minibert.BertForPreTraining, attn_impl, unpad)
     ids, mask, types = padded_batch()
     # Without labels: full MLM logits at every real position.
     ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
@@ -95,7 +96,9 @@ def test_pretraining(tmp_path, attn_impl):
     labels[0, 1] = ids[0, 1]  # at least one masked position
     nsp = torch.tensor([0, 1, 1, 0])
     ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
-    out = mb(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    # Labels at padded positions take no loss in either layout, whatever they hold.
+    labels_at_padding = torch.where(real, labels, 7)
+    out = mb(ids, attention_mask=mask, token_type_ids=types, labels=labels_at_padding, next_sentence_label=nsp)
     assert out.mlm_logits.shape == (int((labels != -100).sum()), 99)
     d_masked = max_diff(ref.prediction_logits[labels != -100], out.mlm_logits)
     d_loss = abs(ref.loss.item() - out.loss.item())
@@ -103,7 +106,7 @@ def test_pretraining(tmp_path, attn_impl):
     ref.loss.backward()
     out.loss.backward()
     d_grad = compare_grads(hf, mb, "BertForPreTraining")
-    report(f"BertForPreTraining[{attn_impl}]", mlm=d_mlm, nsp=d_nsp, masked=d_masked, loss=d_loss, grad=d_grad)
+    report(f"BertForPreTraining[{attn_impl},unpad={unpad}]", mlm=d_mlm, nsp=d_nsp, masked=d_masked, loss=d_loss, grad=d_grad)
 
 
 @pytest.mark.parametrize("attn_impl", BACKENDS)
@@ -134,25 +137,27 @@ def test_sequence_classification(tmp_path, attn_impl, problem):
 
 
 @pytest.mark.parametrize("attn_impl", BACKENDS)
-def test_token_classification(tmp_path, attn_impl):
+@pytest.mark.parametrize("unpad", [True, False])
+def test_token_classification(tmp_path, attn_impl, unpad):
     hf, mb = build_pair(
-        tmp_path, transformers.BertForTokenClassification, minibert.BertForTokenClassification, attn_impl, num_labels=5
+        tmp_path, transformers.BertForTokenClassification, minibert.BertForTokenClassification, attn_impl, unpad,
+        num_labels=5,
     )
     ids, mask, types = padded_batch()
     g = torch.Generator().manual_seed(3)
     labels = torch.randint(0, 5, ids.shape, generator=g)
-    labels[mask == 0] = -100
     labels[:, 0] = -100
-    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
-    out = mb(ids, attention_mask=mask, token_type_ids=types, labels=labels)
     real = mask.bool()
+    # transformers is given -100 at padding; minibert real tags there, which it must ignore in both layouts.
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels.masked_fill(~real, -100))
+    out = mb(ids, attention_mask=mask, token_type_ids=types, labels=labels)
     d_logits = max_diff(ref.logits[real], out.logits[real])
     d_loss = abs(ref.loss.item() - out.loss.item())
     assert d_logits < ATOL and d_loss < ATOL
     ref.loss.backward()
     out.loss.backward()
     d_grad = compare_grads(hf, mb, "BertForTokenClassification")
-    report(f"BertForTokenClassification[{attn_impl}]", logits=d_logits, loss=d_loss, grad=d_grad)
+    report(f"BertForTokenClassification[{attn_impl},unpad={unpad}]", logits=d_logits, loss=d_loss, grad=d_grad)
 
 
 def test_unpadded_equals_padded_and_backends_agree():

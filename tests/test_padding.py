@@ -1,0 +1,57 @@
+"""TokenLayout on hand-computed indices, and the masks the encoder refuses (in both layouts, every model)."""
+
+import pytest
+import torch
+
+import minibert
+from conftest import padded_batch
+from minibert.padding import TokenLayout
+
+
+def test_packed_layout_on_hand_computed_indices():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]])
+    layout = TokenLayout.from_mask(mask, 3, 4, pack=True)
+    assert layout.packed
+    assert layout.indices.tolist() == [0, 1, 2, 4, 5, 8]
+    assert layout.cu_seqlens.tolist() == [0, 3, 5, 6]
+    assert layout.max_seqlen == 3
+    x = torch.arange(12.0).reshape(3, 4)
+    assert layout.pack(x).tolist() == [0, 1, 2, 4, 5, 8]
+    assert layout.unpack(layout.pack(x)).tolist() == [[0, 1, 2, 0], [4, 5, 0, 0], [8, 0, 0, 0]]
+    assert layout.first_tokens(layout.pack(x)).tolist() == [0, 4, 8]
+    labels = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4], [9, 9, 9, 9]])
+    assert layout.flat_labels(labels).tolist() == [5, 6, 7, 1, 2, 9]
+    padded = TokenLayout.from_mask(mask, 3, 4, pack=False)
+    assert not padded.packed
+    assert padded.flat_labels(labels).tolist() == [5, 6, 7, -100, 1, 2, -100, -100, 9, -100, -100, -100]
+    assert padded.first_tokens(x[..., None]).flatten().tolist() == [0, 4, 8]
+    # Nothing padded: no mask to apply, whatever was asked.
+    assert TokenLayout.from_mask(torch.ones(2, 3), 2, 3, pack=True).attention_mask is None
+
+
+BAD_MASKS = {
+    "left-padded": ([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], r"row 1 is not right-padded \(a 0 before a 1\): pad on the right.*padding_side='right'"),
+    "hole": ([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]], r"row 0 is not right-padded"),
+    "empty first row": ([[0, 0, 0, 0, 0], [1, 1, 1, 0, 0]], r"row 0 has no tokens"),
+    "empty last row": ([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], r"row 1 has no tokens"),
+}
+
+MODELS = [minibert.BertModel, minibert.BertForPreTraining, minibert.BertForSequenceClassification,
+          minibert.BertForTokenClassification]
+
+
+@pytest.mark.parametrize("case", BAD_MASKS)
+@pytest.mark.parametrize("unpad", [True, False])
+def test_masks_the_encoder_cannot_handle_are_refused_in_both_layouts(case, unpad):
+    """Left padding or a hole once gave different numbers packed and padded, and an empty row another
+    row's logits (or an IndexError): now one error, the same in both layouts and for every model."""
+    cfg = minibert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                              intermediate_size=37, max_position_embeddings=16, unpad=unpad)
+    mask, message = BAD_MASKS[case]
+    mask = torch.tensor(mask)
+    ids = torch.randint(5, 99, mask.shape)
+    for cls in MODELS:
+        with pytest.raises(ValueError, match=message) as err:
+            cls(cfg).eval()(ids, attention_mask=mask)
+        assert "\n" not in str(err.value)
+
