@@ -59,6 +59,7 @@ from minibert.training import (
     atomic_write_text,
     check_attention_backend,
     check_counts,
+    check_layer_lr_decay,
     parse_settings,
     plot_curves,
     remove_earlier_results,
@@ -105,7 +106,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     grad_accum: int = 1
     max_grad_norm: float = 1.0
-    layer_lr_decay: float = 1.0  # < 1 gives lower layers smaller learning rates
+    layer_lr_decay: float = 1.0  # in (0, 1]; < 1 gives lower layers smaller learning rates
     freeze_embeddings: bool = False
     freeze_layers: int = 0  # freeze the bottom N encoder layers
     # Re-initialise the top N encoder layers (and the pooler) before fine-tuning: helps when the top of a
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     # Everything that can be wrong with the input is checked here, before any training.
     check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size"),
                  at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
+    check_layer_lr_decay(cfg.layer_lr_decay)
     if cfg.predict_only:
         return predict_only(cfg)
     start_output_dir(cfg)  # may set cfg.resume: the same command continues a killed run

@@ -87,6 +87,13 @@ class BertConfig:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             if sorted(self.id2label) != list(range(len(self.id2label))):
                 raise ValueError(f"id2label must number labels 0..n-1, got ids {sorted(self.id2label)}")
+        self.check_labels()
+
+    def check_labels(self) -> None:
+        """A name per output: 3 names for a 2-output head would label predictions wrongly."""
+        if self.id2label is not None and len(self.id2label) != self.num_labels:
+            raise ValueError(f"id2label names {len(self.id2label)} labels but num_labels is {self.num_labels}: give "
+                             "one name per classifier output (or id2label=None for unnamed labels)")
 
     @property
     def head_dim(self) -> int:
@@ -125,14 +132,22 @@ class BertConfig:
             raise ValueError("this config is a BERT decoder (is_decoder/add_cross_attention); minibert is an encoder only")
         own = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: d.pop(k) for k in list(d) if k in own}
-        if "id2label" in kwargs and "num_labels" not in kwargs and kwargs["id2label"]:
+        if kwargs.get("id2label"):  # transformers' rule: the label names decide how many labels there are
             kwargs["num_labels"] = len(kwargs["id2label"])
         d.pop("label2id", None)  # derived from id2label when writing
         extra = {**d.pop("extra", {}), **d}
         kwargs.update(overrides)
+        # An override of one of the two keeps the other consistent: a head of another size drops the old
+        # names (they name other outputs); new names set the size.
+        if "num_labels" in overrides and "id2label" not in overrides and kwargs.get("id2label") \
+                and len(kwargs["id2label"]) != overrides["num_labels"]:
+            kwargs["id2label"] = None
+        if overrides.get("id2label") and "num_labels" not in overrides:
+            kwargs["num_labels"] = len(overrides["id2label"])
         return cls(**kwargs, extra=extra)
 
     def to_hf_dict(self) -> dict[str, Any]:
+        self.check_labels()  # the fields may have been changed after construction
         d = {k: v for k, v in asdict(self).items() if k not in ("extra", "attn_impl", "unpad")}
         # minibert's switches travel under their own prefix so transformers ignores them.
         d["minibert_attn_impl"] = self.attn_impl

@@ -176,7 +176,7 @@ class TrainingSettings:
     warmup_ratio: float = 0.1
     grad_accum: int = 1
     max_grad_norm: float = 1.0  # 0 turns clipping off
-    layer_lr_decay: float = 1.0
+    layer_lr_decay: float = 1.0  # in (0, 1]: layer i of L learns at lr * decay**(L - i)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on GPU, with loss scaling)
     compile: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
@@ -191,6 +191,13 @@ class TrainingSettings:
             raise ValueError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        check_layer_lr_decay(self.layer_lr_decay)
+
+
+def check_layer_lr_decay(value: float) -> None:
+    """0 would zero the embeddings' learning rate and a negative decay ascend the loss on alternate layers."""
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"--layer-lr-decay must be in (0, 1] (1 is no decay, 0.8-0.95 are usual), got {value}")
 
 
 @dataclass

@@ -80,6 +80,33 @@ def test_layer_lr_decay_and_no_decay_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.5])
+def test_layer_lr_decay_outside_zero_to_one_is_refused(decay, tiny_init_dir, tmp_path):
+    """0 raised ZeroDivisionError, -0.5 gave scales -0.5, 0.25, -0.125: gradient ascent on alternate layers."""
+    import train_finetune
+
+    model = minibert.BertForSequenceClassification(minibert.BertConfig.preset("tiny", vocab_size=50))
+    with pytest.raises(ValueError, match=r"layer_lr_decay must be in \(0, 1\]"):
+        model.parameter_groups(weight_decay=0.0, layer_lr_decay=decay)
+    with pytest.raises(ValueError, match=r"--layer-lr-decay must be in \(0, 1\]"):
+        TrainingSettings(layer_lr_decay=decay)
+    with pytest.raises(ValueError, match=rf"--layer-lr-decay must be in \(0, 1\] .*got {decay}"):
+        train_finetune.main(["--init", str(tiny_init_dir), "--output-dir", str(tmp_path / "out"), "--layer-lr-decay",
+                             str(decay), "--no-progress"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_weights_of_an_empty_part_changes_nothing():
+    """`part or self` took an empty ModuleList (falsy) for "no part" and re-initialised the whole model."""
+    model = minibert.BertForSequenceClassification(minibert.BertConfig.preset("tiny", vocab_size=50))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.init_weights(torch.nn.ModuleList())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.init_weights(model.classifier)  # a real part is drawn again, and only it
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"classifier.weight"}  # its bias was zero and stays zero
+
+
 def test_checkpoint_resume_continues_exactly(tmp_path):
     """Save after 3 steps, keep training to 6; a new trainer resumed from the save reaches the same losses.
     Dropout is on, so the RNG state must be restored too."""
