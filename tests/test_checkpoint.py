@@ -293,6 +293,31 @@ def test_head_shape_mismatch_and_reinit(tmp_path):
     assert model.classifier.weight.shape == (2, 32)
 
 
+def test_label_names_follow_the_number_of_labels(tmp_path):
+    """A 3-label checkpoint loaded as a 2-label classifier once kept its 3 names for 2 outputs: the saved
+    config made transformers build a 3-output head, and --predict-only named predictions wrongly."""
+    torch.manual_seed(0)
+    named = tiny_hf_config(num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
+    transformers.BertForSequenceClassification(named).save_pretrained(tmp_path / "three")
+    model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "three"), num_labels=2, reinit_head=True)
+    assert model.config.num_labels == 2 and model.config.id2label is None
+    model.save_pretrained(tmp_path / "two")
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "two")
+    assert reloaded.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+    assert reloaded.classifier.out_features == 2
+    # New names without a count set the count; the same count keeps the names.
+    config = BertConfig.from_json_file(tmp_path / "three" / "config.json", id2label={0: "a", 1: "b"})
+    assert config.num_labels == 2
+    assert BertConfig.from_json_file(tmp_path / "three" / "config.json", num_labels=3).id2label == {0: "neg", 1: "neu", 2: "pos"}
+    # Both given and at odds, or changed after construction: refused, never saved.
+    with pytest.raises(ValueError, match="id2label names 3 labels but num_labels is 2"):
+        BertConfig(num_labels=2, id2label={0: "a", 1: "b", 2: "c"})
+    model.config.id2label = {0: "neg", 1: "neu", 2: "pos"}
+    with pytest.raises(ValueError, match="id2label names 3 labels but num_labels is 2"):
+        model.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad" / "config.json").exists()
+
+
 def test_untied_mlm_decoder_is_refused_for_pretraining_and_ignored_for_fine_tuning(tmp_path):
     """minibert's MLM head reuses the word embeddings; a decoder of its own must not be silently replaced."""
     torch.manual_seed(0)
