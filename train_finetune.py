@@ -33,26 +33,21 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from minibert import data as D
+from minibert import finetuning as F
 from minibert.assets import MINILM_HUB_ID
-from minibert.checkpoint import weight_names
 from minibert.config import BertConfig
 from minibert.hub import resolve_model_dir
-from minibert.metrics import MAIN_METRIC, compute_metrics, greater_is_better
-from minibert.model import BertForSequenceClassification, BertForTokenClassification
+from minibert.metrics import MAIN_METRIC, compute_metrics
 from minibert.tokenizer import load_tokenizer
 from minibert.training import (
     Distributed,
-    Throughput,
     Trainer,
     TrainingSettings,
     TrainState,
@@ -135,170 +130,129 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
     return parse_settings(FinetuneConfig, argv, __doc__)
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- the steps of main()
+#
+# Each step reads the settings it needs from the FinetuneConfig and calls minibert.finetuning, where
+# the work is done (and where Python users find it).
+
+
+def load_data(cfg: FinetuneConfig) -> F.TaskData:
+    return F.load_task_data(
+        task=cfg.task, data_dir=cfg.data_dir, train_file=cfg.train_file, validation_file=cfg.validation_file,
+        test_file=cfg.test_file, task_type=cfg.task_type, text_column=cfg.text_column,
+        text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
+        validation_fraction=cfg.validation_fraction, max_train_examples=cfg.max_train_examples, seed=cfg.seed)
+
+
+def read_init(cfg: FinetuneConfig) -> tuple[Path, BertConfig]:
+    """--init's directory and config, read before the model so that a misfit stops the run early."""
+    init_dir = resolve_model_dir(cfg.init)
+    return init_dir, BertConfig.from_json_file(init_dir / "config.json")
+
+
+def choose_labels(cfg: FinetuneConfig, task: F.TaskData, init_dir: Path, init_config: BertConfig):
+    init_is_classifier = F.classifier_kind(init_config, init_dir) is not None
+    return F.choose_labels(task, init_config, init=cfg.init, init_is_classifier=init_is_classifier,
+                           reinit_head=cfg.reinit_head)
+
+
+def load_task_tokenizer(cfg: FinetuneConfig, task: F.TaskData, init_dir: Path, init_config: BertConfig):
+    tokenizer = load_tokenizer(init_dir)
+    text_pairs = any(ex.text_pair is not None for ex in task.train[:1])
+    F.check_tokenizer_fits(tokenizer, init_config, cfg.init, text_pairs=text_pairs)
+    return tokenizer
+
+
+def build_model(cfg: FinetuneConfig, task_type: str, vocab, init_dir: Path):
+    # A resumed run's weights come from its checkpoint: what --init lacks is no news then.
+    return F.build_model(task_type, vocab, init_dir, reinit_head=cfg.reinit_head, attn_impl=cfg.attn_impl,
+                         dropout=cfg.dropout, freeze_embeddings=cfg.freeze_embeddings, freeze_layers=cfg.freeze_layers,
+                         reinit_layers=cfg.reinit_layers, verbose=not cfg.resume)
 
 
 @dataclass
-class TaskData:
-    task_type: str
-    train: list
-    validation: list
-    test: list | None
-    name: str
-    metric_names: tuple[str, ...] | None = None  # None: every metric of the task type
-    main_metric: str | None = None
-    label_order: tuple[str, ...] | None = None  # fixed label ids (GLUE's), else sorted training labels
+class Run:
+    """A started run: what the training and result steps share."""
+
+    trainer: Trainer
+    state: TrainState
+    schedule: F.Schedule
+    epochs: int
+    run_config: dict
+    main_metric: str
 
 
-def hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded random share of the examples as validation data, the rest (in their order) for training."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"--validation-fraction must be between 0 and 1, got {fraction}")
-    count = max(1, round(fraction * len(examples)))
-    if len(examples) - count < 1:
-        raise D.DataError(f"--train-file has {len(examples)} example(s): too few to hold some out for validation; "
-                          "give a --validation-file")
-    held = set(np.random.default_rng(seed).choice(len(examples), count, replace=False).tolist())
-    return ([ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held])
+def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeatures, max_length: int,
+              init_dir: Path, dist: Distributed) -> Run:
+    """The Trainer, the state to start from (a checkpoint's when resuming), and the run's settings, saved."""
+    out_dir = Path(cfg.output_dir)
+    precision = resolve_precision(cfg.precision, dist.device)
+    settings = TrainingSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                                grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                                layer_lr_decay=cfg.layer_lr_decay, precision=precision, compile=cfg.compile)
+    schedule = F.Schedule.of(cfg)
+    total_steps, epochs = schedule.steps([len(f) for f in features.train], dist)
+    trainer = Trainer(model, settings, total_steps, out_dir, dist)
+    # The settings as given (what --resume compares and restores), then what they resolved to.
+    run_config = {**dataclasses.asdict(cfg), "resolved": {
+        "precision": precision, "task_type": task.task_type, "task_name": task.name, "max_length": max_length,
+        "total_steps": total_steps, "world_size": dist.world_size, "init_dir": str(init_dir)}}
+    state = trainer.resume() if cfg.resume else TrainState()
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        F.write_json(out_dir / "finetune_config.json", run_config)
+        if not cfg.resume:
+            remove_earlier_results(out_dir, RESULT_FILES)
+        logger.info("minibert: %s, %s: %d train / %d validation / %s test examples, %d steps of %d x %d x %d",
+                    task.name, task.task_type, len(features.train), len(features.validation),
+                    len(features.test) if features.test else 0, total_steps, cfg.batch_size, cfg.grad_accum,
+                    dist.world_size)
+    return Run(trainer, state, schedule, epochs, run_config, task.main_metric or MAIN_METRIC[task.task_type])
 
 
-def load_task_data(cfg: FinetuneConfig) -> TaskData:
-    files = cfg.train_file or cfg.validation_file or cfg.test_file
-    if cfg.task and files:
-        raise D.DataError("give either --task (GLUE) or --train-file/--validation-file, not both")
-    if cfg.task and cfg.task.lower() not in ("movie-reviews", "movie_reviews"):  # those name the built-in default
-        if not cfg.data_dir:
-            raise D.DataError(f"--task {cfg.task} needs --data-dir, the folder of the GLUE download holding its TSV files")
-        train, validation, test, spec = D.load_glue(cfg.task, cfg.data_dir)
-        return TaskData(spec.task_type, train, validation, test, f"glue-{cfg.task.lower()}", spec.metrics,
-                        spec.main_metric, spec.labels)
-    if files:
-        if not cfg.train_file:
-            raise D.DataError("give --train-file, the labelled examples to train on (--validation-file and --test-file "
-                              "are optional)")
-        task_type = cfg.task_type
-        if task_type is None:
-            task_type, reason = D.infer_task_type(cfg.train_file, text_column=cfg.text_column, label_column=cfg.label_column)
-            logger.info("minibert: treating the data as %s: %s (--task-type chooses)", task_type, reason)
-        columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
-        train = D.load_examples(cfg.train_file, task_type=task_type, flag="--train-file", **columns)
-        if cfg.validation_file:
-            validation = D.load_examples(cfg.validation_file, task_type=task_type, flag="--validation-file", **columns)
-        else:
-            train, validation = hold_out(train, cfg.validation_fraction, cfg.seed)
-            logger.info("minibert: no --validation-file: %d of the %d training examples (--validation-fraction %g, "
-                        "chosen by --seed) are held out for validation", len(validation), len(train) + len(validation),
-                        cfg.validation_fraction)
-        test = None
-        if cfg.test_file:
-            test = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
-        return TaskData(task_type, train, validation, test, Path(cfg.train_file).stem)
-    task_type = cfg.task_type or "classification"
-    train, validation, test = D.movie_reviews(task_type)
-    return TaskData(task_type, train, validation, test, "movie-reviews")
+def train(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatures, vocab, tokenizer,
+          stop_after_steps: int | None = None) -> dict:
+    trainer, pad_id = run.trainer, tokenizer.token_to_id("[PAD]")
+
+    def validate(model) -> dict[str, float]:
+        outputs = predict(model, features.validation, cfg.eval_batch_size, pad_id, trainer.device, trainer.autocast)
+        return score(task, outputs, features.validation, vocab)
+
+    return F.train(trainer, run.state, features.train, run.schedule, epochs=run.epochs, pad_token_id=pad_id,
+                   validate=validate, main_metric=run.main_metric, tokenizer=tokenizer, run_config=run.run_config,
+                   progress=cfg.progress, stop_after_steps=stop_after_steps)
 
 
-# ----------------------------------------------------------------------------- model
-
-
-MODEL_CLASSES = {"token-classification": BertForTokenClassification}
-PROBLEM_TYPES = {"classification": "single_label_classification", "multilabel": "multi_label_classification",
-                 "regression": "regression", "token-classification": None}
-
-
-def classifier_kind(config: BertConfig, init_dir: Path) -> str | None:
-    """Which head --init has: "token" or "sequence" (a classifier), or None. transformers names it in
-    config.json's architectures; without that, a classifier.weight in the weights still makes it one."""
-    architectures = config.extra.get("architectures")
-    if not architectures:
-        return "sequence" if "classifier.weight" in weight_names(init_dir) else None
-    if any(a.endswith("ForTokenClassification") for a in architectures):
-        return "token"
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "sequence"
-    return None
-
-
-def checkpoint_labels(config: BertConfig) -> list[str]:
-    """A classifier checkpoint's label names by id. transformers leaves id2label out of config.json when
-    the names are its defaults, LABEL_0, LABEL_1, ..., which is what a model trained on integer labels
-    has: such labels are the ids themselves, "0", "1", ... (the names data with integer labels uses)."""
-    if config.id2label:
-        names = [config.id2label[i] for i in range(len(config.id2label))]
-    else:
-        names = [f"LABEL_{i}" for i in range(config.num_labels)]
-    if names == [f"LABEL_{i}" for i in range(len(names))]:
-        return [str(i) for i in range(len(names))]
-    return names
-
-
-def check_tokenizer_fits(tokenizer, config: BertConfig, init: str, text_pairs: bool) -> None:
-    """Token ids the model has no embedding for would stop a run at the first batch that holds one."""
-    if tokenizer.get_vocab_size(with_added_tokens=True) > config.vocab_size:
-        raise ValueError(
-            f"the tokenizer of --init {init} has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model "
-            f"only {config.vocab_size} word embeddings: the tokenizer files belong to another model; put the "
-            "checkpoint's own tokenizer (vocab.txt / tokenizer.json) next to its weights"
-        )
-    if text_pairs and config.type_vocab_size < 2:
-        raise ValueError(f"--text-pair-column needs two segment (token type) embeddings, and --init {init} has "
-                         f"type_vocab_size {config.type_vocab_size}: join the two texts into one column instead")
-
-
-def choose_labels(cfg: FinetuneConfig, task: TaskData, init_config: BertConfig, init_is_classifier: bool):
-    """The label vocabulary, and whether the head must be new. A classifier --init keeps its own label
-    ids when the data's labels are the same set; other labels need --reinit-head."""
-    if task.task_type == "regression":
-        if init_is_classifier and init_config.num_labels != 1 and not cfg.reinit_head:
-            raise D.DataError(
-                f"--init {cfg.init} is a classifier with {init_config.num_labels} labels, but this is a regression "
-                "task: pass --reinit-head to train a new (one-output) head"
-            )
-        return None
-    if task.label_order is not None:
-        vocab = D.LabelVocab(task.label_order)
-    else:
-        vocab = D.LabelVocab.from_examples(task.train, task.task_type)
-    if init_is_classifier and not cfg.reinit_head:
-        theirs = checkpoint_labels(init_config)
-        if sorted(theirs) == sorted(vocab.labels):  # same labels: continue with the checkpoint's head and ids
-            logger.info("minibert: keeping the classifier head of --init %s and its label ids %s", cfg.init,
-                        dict(enumerate(theirs)))
-            return D.LabelVocab(theirs)
-        raise D.DataError(
-            f"--init {cfg.init} is a classifier for labels {theirs}, but the training data has labels {vocab.labels}: "
-            "pass --reinit-head to train a new head, or use data with the checkpoint's labels"
-        )
-    return vocab
-
-
-def build_model(cfg: FinetuneConfig, task: TaskData, vocab, init_dir: Path):
-    cls = MODEL_CLASSES.get(task.task_type, BertForSequenceClassification)
-    overrides = dict(
-        num_labels=1 if vocab is None else len(vocab),
-        id2label={0: "score"} if vocab is None else dict(enumerate(vocab.labels)),
-        problem_type=PROBLEM_TYPES[task.task_type],
-    )
-    if cfg.attn_impl:
-        overrides["attn_impl"] = cfg.attn_impl
-    if cfg.dropout is not None:
-        overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-    # A resumed run's weights come from its checkpoint: what --init lacks is no news then.
-    model = cls.from_pretrained(str(init_dir), reinit_head=cfg.reinit_head, verbose=not cfg.resume, **overrides)
-    if cfg.freeze_embeddings:
-        model.bert.embeddings.requires_grad_(False)
-    if cfg.freeze_layers:
-        if cfg.freeze_layers > len(model.bert.layers):
-            raise ValueError(f"--freeze-layers {cfg.freeze_layers}: the model has only {len(model.bert.layers)} layers")
-        for layer in model.bert.layers[: cfg.freeze_layers]:
-            layer.requires_grad_(False)
-    if cfg.reinit_layers:
-        if cfg.reinit_layers > len(model.bert.layers):
-            raise ValueError(f"--reinit-layers {cfg.reinit_layers}: the model has only {len(model.bert.layers)} layers")
-        for part in [*model.bert.layers[len(model.bert.layers) - cfg.reinit_layers:], model.bert.pooler]:
-            if part is not None:
-                model.init_weights(part)
-    return model
+def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatures, vocab,
+                               tokenizer, train_stats: dict) -> dict:
+    """The best model on the test data (predictions.jsonl; test_results.json when it has labels), the
+    run's figures, the training curves; then the resumable state, no longer needed, is removed."""
+    trainer, state, out_dir = run.trainer, run.state, Path(cfg.output_dir)
+    model, dist = trainer.model, trainer.dist
+    results = {"eval": None, "test": None, "output_dir": str(out_dir), "train": train_stats}
+    if dist.is_main:
+        F.write_json(out_dir / "train_results.json", train_stats)
+        if state.best_step is None:  # a resumed run that had nothing left to do
+            model.save_pretrained(out_dir, tokenizer=tokenizer)
+        best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
+        results["eval"] = json.loads((out_dir / "eval_results.json").read_text()) if (out_dir / "eval_results.json").exists() else None
+        if features.test:
+            pad_id = tokenizer.token_to_id("[PAD]")
+            outputs = predict(best, features.test, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)
+            records = prediction_records(task, task.test, outputs, features.test, vocab)
+            lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # UTF-8: texts stay readable
+            atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
+            if features.test[0].label is not None:
+                results["test"] = score(task, outputs, features.test, vocab)
+                F.write_json(out_dir / "test_results.json", results["test"])
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", (run.main_metric,))
+        trainer.remove_checkpoints()
+        logger.info("minibert: best %s %.4f (step %s); model in %s", run.main_metric,
+                    float("nan") if state.best_metric is None else state.best_metric, state.best_step, out_dir)
+        if results["test"]:
+            logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
+    dist.barrier()
+    return results
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -324,7 +278,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def score(task: TaskData, outputs, features, vocab) -> dict[str, float]:
+def score(task: F.TaskData, outputs, features, vocab) -> dict[str, float]:
     id2label = dict(enumerate(vocab.labels)) if vocab is not None else None
     if task.task_type == "classification":
         preds, refs = np.stack(outputs), np.array([f.label for f in features])
@@ -338,7 +292,7 @@ def score(task: TaskData, outputs, features, vocab) -> dict[str, float]:
     return compute_metrics(task.task_type, preds, refs, id2label=id2label, metric_names=task.metric_names)
 
 
-def prediction_records(task: TaskData, examples, outputs, features, vocab) -> list[dict]:
+def prediction_records(task: F.TaskData, examples, outputs, features, vocab) -> list[dict]:
     records = []
     for ex, out, feat in zip(examples, outputs, features):
         record = {"text": ex.text} if ex.text_pair is None else {"text": ex.text, "text_pair": ex.text_pair}
@@ -367,7 +321,7 @@ def predict_only(cfg: FinetuneConfig) -> dict:
         raise D.DataError("--predict-only needs --test-file, the examples to label")
     init_dir = resolve_model_dir(cfg.init)
     config = BertConfig.from_json_file(init_dir / "config.json")
-    kind = classifier_kind(config, init_dir)
+    kind = F.classifier_kind(config, init_dir)
     if kind == "token":
         task_type = "token-classification"
     elif kind == "sequence":
@@ -377,15 +331,12 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     else:
         raise D.DataError(f"--predict-only needs a fine-tuned model as --init, and {cfg.init} has no classifier head: "
                           "fine-tune it first (drop --predict-only)")
-    vocab = None if task_type == "regression" else D.LabelVocab(checkpoint_labels(config))
-    max_length = cfg.max_length or min(128, config.max_position_embeddings)
-    if max_length > config.max_position_embeddings:
-        raise ValueError(f"--max-length {max_length} exceeds the {config.max_position_embeddings} positions of --init "
-                         f"{cfg.init}: use --max-length {config.max_position_embeddings} or less")
+    vocab = None if task_type == "regression" else D.LabelVocab(F.checkpoint_labels(config))
+    max_length = F.max_length_for(config, cfg.max_length, cfg.init)
     columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
     examples = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
     tokenizer = load_tokenizer(init_dir)
-    check_tokenizer_fits(tokenizer, config, cfg.init, text_pairs=bool(cfg.text_pair_column))
+    F.check_tokenizer_fits(tokenizer, config, cfg.init, text_pairs=bool(cfg.text_pair_column))
     pad_id = tokenizer.token_to_id("[PAD]")
     features = D.encode_examples(tokenizer, examples, max_length=max_length, task_type=task_type, label_vocab=vocab,
                                  source="the test data")
@@ -393,11 +344,11 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     check_attention_backend(cfg.attn_impl, device)
     precision = resolve_precision(cfg.precision, device)
     overrides = {"attn_impl": cfg.attn_impl} if cfg.attn_impl else {}
-    model = MODEL_CLASSES.get(task_type, BertForSequenceClassification).from_pretrained(str(init_dir), verbose=False, **overrides)
+    model = F.model_class(task_type).from_pretrained(str(init_dir), verbose=False, **overrides)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     autocast = lambda: torch.autocast(device.type, dtype=dtypes[precision]) if precision in dtypes else contextlib.nullcontext()  # noqa: E731
     outputs = predict(model.to(device), features, cfg.eval_batch_size, pad_id, device, autocast)
-    task = TaskData(task_type, [], [], examples, Path(cfg.test_file).stem)
+    task = F.TaskData(task_type, [], [], examples, Path(cfg.test_file).stem)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_records(task, examples, outputs, features, vocab))
@@ -406,7 +357,7 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     results = {"eval": None, "test": None, "output_dir": str(out_dir)}
     if features and features[0].label is not None:
         results["test"] = score(task, outputs, features, vocab)
-        _write_json(out_dir / "test_results.json", results["test"])
+        F.write_json(out_dir / "test_results.json", results["test"])
         logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
     return results
 
@@ -416,19 +367,15 @@ RESULT_FILES = ("eval_results.json", "test_results.json", "train_results.json", 
                 "training_curves.png")
 
 
-def _write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None) -> dict:
-    """Run fine-tuning; returns {"eval": metrics, "test": metrics or None, "output_dir": path}.
+    """Run fine-tuning; returns {"eval": metrics, "test": metrics or None, "output_dir": path, "train": figures}.
     _stop_after_steps simulates a kill after that many steps (for the resume test)."""
     cfg = parse_args(argv) if argv is None or isinstance(argv, list) else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Everything that can be wrong with the input is checked here, before any training.
+    # Everything that can be wrong with the input is checked before any training.
     check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size"),
                  at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
     check_layer_lr_decay(cfg.layer_lr_decay)
@@ -438,148 +385,19 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     dist = setup_distributed(cfg.device)
     check_attention_backend(cfg.attn_impl, dist.device)
     seed_everything(cfg.seed)
-    out_dir = Path(cfg.output_dir)
-    precision = resolve_precision(cfg.precision, dist.device)
 
-    task = load_task_data(cfg)
-    if 0 < cfg.max_train_examples < len(task.train):
-        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(task.train), cfg.max_train_examples, replace=False))
-        task.train = [task.train[i] for i in keep]
-    init_dir = resolve_model_dir(cfg.init)
-    init_config = BertConfig.from_json_file(init_dir / "config.json")
-    max_length = cfg.max_length or min(128, init_config.max_position_embeddings)
-    if max_length > init_config.max_position_embeddings:
-        raise ValueError(
-            f"--max-length {max_length} exceeds the {init_config.max_position_embeddings} positions of --init "
-            f"{cfg.init}: use --max-length {init_config.max_position_embeddings} or less"
-        )
-    vocab = choose_labels(cfg, task, init_config, classifier_kind(init_config, init_dir) is not None)
-    if task.task_type == "classification" and len(vocab) < 2:
-        raise D.DataError(f"the training data has one label only ({vocab.labels[0]!r}): a classifier needs examples "
-                          "of at least two labels (for a score, pass --task-type regression)")
-    tokenizer = load_tokenizer(init_dir)
-    check_tokenizer_fits(tokenizer, init_config, cfg.init, text_pairs=any(ex.text_pair is not None for ex in task.train[:1]))
-    pad_id = tokenizer.token_to_id("[PAD]")
-    encode = lambda examples, source: D.encode_examples(  # noqa: E731
-        tokenizer, examples, max_length=max_length, task_type=task.task_type, label_vocab=vocab, source=source)
-    train_features = encode(task.train, "the training data")
-    val_features = encode(task.validation, "the validation data")
-    test_features = encode(task.test, "the test data") if task.test else None
-    model = build_model(cfg, task, vocab, init_dir)
-
-    settings = TrainingSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                                grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-                                layer_lr_decay=cfg.layer_lr_decay, precision=precision, compile=cfg.compile)
-    lengths = [len(f) for f in train_features]
-    chunk_batches = 50 if cfg.group_by_length else 1  # sorting within one batch only leaves batches random
-    batches_per_epoch = len(D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=0,
-                                            rank=dist.rank, world_size=dist.world_size, chunk_batches=chunk_batches))
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    trainer = Trainer(model, settings, total_steps, out_dir, dist)
-    # The settings as given (what --resume compares and restores), then what they resolved to.
-    run_config = {**dataclasses.asdict(cfg), "resolved": {
-        "precision": precision, "task_type": task.task_type, "task_name": task.name, "max_length": max_length,
-        "total_steps": total_steps, "world_size": dist.world_size, "init_dir": str(init_dir)}}
-    state = trainer.resume() if cfg.resume else TrainState()
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(out_dir / "finetune_config.json", run_config)
-        if not cfg.resume:
-            remove_earlier_results(out_dir, RESULT_FILES)
-        logger.info("minibert: %s, %s: %d train / %d validation / %s test examples, %d steps of %d x %d x %d",
-                    task.name, task.task_type, len(train_features), len(val_features),
-                    len(test_features) if test_features else 0, total_steps, cfg.batch_size, cfg.grad_accum, dist.world_size)
-
-    main_metric = task.main_metric or MAIN_METRIC[task.task_type]
-    better = greater_is_better(main_metric)
-
-    def evaluate_and_keep_best() -> bool:
-        """Score the validation set, save the model if it is the best so far; True to stop early."""
-        metrics = score(task, predict(model, val_features, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast),
-                        val_features, vocab) if dist.is_main else {}
-        if dist.is_main:
-            trainer.log_metrics({"split": "eval", "step": state.step, "epoch": state.epoch, **metrics})
-            value = metrics[main_metric]
-            if state.best_metric is None or (value > state.best_metric if better else value < state.best_metric):
-                state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-                model.save_pretrained(out_dir, tokenizer=tokenizer)
-                _write_json(out_dir / "eval_results.json", {**metrics, "step": state.step, "epoch": state.epoch})
-            else:
-                state.evals_without_improvement += 1
-            tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                       + f" (best {main_metric} {state.best_metric:.4f} at step {state.best_step})")
-        stop = [bool(cfg.early_stopping) and state.evals_without_improvement >= cfg.early_stopping]
-        if dist.enabled:
-            torch.distributed.broadcast_object_list(stop)
-        return stop[0]
-
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and cfg.progress), desc="fine-tuning",
-               dynamic_ncols=True)
-    speed = Throughput()
-    train_seconds, examples_trained = 0.0, 0  # training alone, without evaluation and saving
-    stopped_early = False
-    while state.step < total_steps and state.epoch < epochs and not stopped_early:
-        batches = D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=state.epoch, rank=dist.rank,
-                                  world_size=dist.world_size, skip=state.batch_in_epoch, chunk_batches=chunk_batches)
-        for start in range(0, len(batches), cfg.grad_accum):
-            group = batches[start : start + cfg.grad_accum]
-            step_start = time.perf_counter()
-            micro = [D.collate([train_features[i] for i in batch], pad_id) for batch in group]
-            result = trainer.step(micro)
-            train_seconds += time.perf_counter() - step_start
-            state.step += 1
-            state.batch_in_epoch += len(group)
-            n = sum(len(b) for b in group) * dist.world_size
-            state.examples_seen += n
-            examples_trained += n
-            bar.update(1)
-            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", ex_s=f"{speed.update(n):.0f}")
-            trainer.log_metrics({"split": "train", "step": state.step, "epoch": state.epoch, "loss": result["loss"],
-                                 "lr": result["lr"], "grad_norm": result["grad_norm"]})
-            epoch_done = start + cfg.grad_accum >= len(batches)  # `batches` holds what is left of this epoch
-            if epoch_done:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            evaluate_now = (cfg.eval_steps and state.step % cfg.eval_steps == 0) or (not cfg.eval_steps and epoch_done)
-            if evaluate_now or state.step == total_steps:
-                stopped_early = evaluate_and_keep_best()
-            save_now = evaluate_now or (cfg.save_steps and state.step % cfg.save_steps == 0)
-            if save_now and state.step < total_steps and not stopped_early:
-                trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
-            if _stop_after_steps is not None and state.step >= _stop_after_steps:
-                bar.close()
-                return {"stopped_at": state.step}
-            if state.step >= total_steps or stopped_early:
-                break
-    bar.close()
-
-    results = {"eval": None, "test": None, "output_dir": str(out_dir),
-               "train": {"steps": state.step, "seconds": round(train_seconds, 2),
-                         "examples_per_s": round(examples_trained / max(train_seconds, 1e-9), 1)}}
-    if dist.is_main:
-        _write_json(out_dir / "train_results.json", results["train"])
-        if state.best_step is None:  # a resumed run that had nothing left to do
-            model.save_pretrained(out_dir, tokenizer=tokenizer)
-        best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
-        results["eval"] = json.loads((out_dir / "eval_results.json").read_text()) if (out_dir / "eval_results.json").exists() else None
-        if test_features:
-            outputs = predict(best, test_features, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)
-            records = prediction_records(task, task.test, outputs, test_features, vocab)
-            lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # UTF-8: texts stay readable
-            atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
-            if test_features[0].label is not None:
-                results["test"] = score(task, outputs, test_features, vocab)
-                _write_json(out_dir / "test_results.json", results["test"])
-        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", (main_metric,))
-        # The run is complete: the resumable state is no longer needed.
-        trainer.remove_checkpoints()
-        logger.info("minibert: best %s %.4f (step %s); model in %s", main_metric, float("nan") if state.best_metric is None else state.best_metric,
-                    state.best_step, out_dir)
-        if results["test"]:
-            logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
-    dist.barrier()
-    return results
+    task = load_data(cfg)
+    init_dir, init_config = read_init(cfg)
+    max_length = F.max_length_for(init_config, cfg.max_length, cfg.init)
+    vocab = choose_labels(cfg, task, init_dir, init_config)
+    tokenizer = load_task_tokenizer(cfg, task, init_dir, init_config)
+    features = F.encode_task(tokenizer, task, vocab, max_length)
+    model = build_model(cfg, task.task_type, vocab, init_dir)
+    run = start_run(cfg, model, task, features, max_length, init_dir, dist)
+    train_stats = train(cfg, run, task, features, vocab, tokenizer, stop_after_steps=_stop_after_steps)
+    if "stopped_at" in train_stats:
+        return train_stats
+    return evaluate_and_write_results(cfg, run, task, features, vocab, tokenizer, train_stats)
 
 
 if __name__ == "__main__":

@@ -30,21 +30,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from minibert import pretraining as PT
 from minibert import pretraining_data as P
 from minibert.assets import cache_dir
-from minibert.config import PRESETS, BertConfig
+from minibert.config import BertConfig
 from minibert.hub import resolve_model_dir
-from minibert.model import BertForPreTraining
 from minibert.tokenizer import REQUIRED_SPECIAL_TOKENS, check_special_tokens, load_tokenizer
 from minibert.training import (
-    Throughput,
+    Distributed,
     Trainer,
     TrainingSettings,
     TrainState,
@@ -63,9 +61,6 @@ from minibert.training import (
 )
 
 logger = logging.getLogger("minibert")
-
-# Dense bf16 peak of the GPUs people pretrain on, for model FLOPs utilisation (TFLOP/s, without sparsity).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
 @dataclass
@@ -124,121 +119,122 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     return parse_settings(PretrainConfig, argv, __doc__)
 
 
-# ----------------------------------------------------------------------------- data and model
+# ----------------------------------------------------------------------------- the steps of main()
+#
+# Each step reads the settings it needs from the PretrainConfig and calls minibert.pretraining (or
+# minibert.pretraining_data), where the work is done and where Python users find it.
 
 
-def prepare_data(cfg: PretrainConfig, tokenizer, dist) -> Path:
-    """Tokenizer-specific shards, built once (by rank 0; the others wait and then read the cache)."""
-    if cfg.data:
-        corpus_id = P.corpus_fingerprint(cfg.data, text_column=cfg.text_column, text_field=cfg.text_field)
-        documents = lambda: P.read_documents(cfg.data, text_column=cfg.text_column, text_field=cfg.text_field)  # noqa: E731
-    else:
-        corpus_id = P.BUILTIN_CORPUS_ID
-        documents = P.builtin_corpus_documents
-    settings = dict(seq_len=cfg.seq_len, nsp=cfg.nsp, short_seq_prob=cfg.short_seq_prob,
-                    heldout_fraction=cfg.heldout_fraction, seed=cfg.seed, corpus_id=corpus_id)
-    if tokenizer is None:
-        tokenizer = P.load_or_train_tokenizer(documents(), cfg.vocab_size, cache_dir() / "tokenizers", corpus_id=corpus_id)
-    out = cache_dir() / "pretraining"
-    if dist.is_main:
-        shards = P.build_pretraining_shards(documents(), tokenizer, out, **settings)
-    dist.barrier()
-    if not dist.is_main:
-        shards = P.build_pretraining_shards(documents(), tokenizer, out, **settings)  # a cache hit now
-    return shards
-
-
-def build_model(cfg: PretrainConfig, vocab_size: int) -> BertForPreTraining:
-    overrides = {"attn_impl": cfg.attn_impl} if cfg.attn_impl else {}
-    if cfg.dropout is not None:
-        overrides.update(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+def check_settings(cfg: PretrainConfig, dist: Distributed) -> None:
+    """Settings that cannot work, found before the corpus is read (which can take minutes)."""
+    if cfg.batch_size % (dist.world_size * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
+                         f"({dist.world_size} x {cfg.grad_accum})")
+    if not 0.0 < cfg.mask_prob < 1.0:
+        raise ValueError(f"--mask-prob must be between 0 and 1 (BERT's is 0.15), got {cfg.mask_prob}")
+    if not 0.0 <= cfg.short_seq_prob <= 1.0 or not 0.0 <= cfg.heldout_fraction < 1.0:
+        raise ValueError(f"--short-seq-prob must be in [0, 1] and --heldout-fraction in [0, 1), got "
+                         f"{cfg.short_seq_prob} and {cfg.heldout_fraction}")
     if cfg.init:
-        # A classifier's labels mean nothing to a pretraining model (transformers' default is 2 unnamed labels).
-        model = BertForPreTraining.from_pretrained(cfg.init, id2label=None, num_labels=2, problem_type=None,
-                                                   verbose=not cfg.resume, **overrides)
-        check_vocab_fits(cfg, vocab_size, model.config.vocab_size)
-        return model
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+        positions = BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json").max_position_embeddings
+        if cfg.seq_len > positions:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {positions} positions of --init {cfg.init}: "
+                             f"use --seq-len {positions} or less")
+    if (cfg.init or cfg.tokenizer) and "vocab_size" in getattr(cfg, "given_flags", ()):
+        logger.warning("minibert: --vocab-size is ignored: it sizes a tokenizer trained here, and "
+                       "--init/--tokenizer brings its own")
+
+
+def load_run_tokenizer(cfg: PretrainConfig):
+    """The tokenizer to pretrain with: a resumed run's own, --tokenizer's or --init's, checked; None to
+    train one on the corpus."""
+    if cfg.resume:  # the run's own tokenizer: a retrained one could number the words differently
+        checkpoint = find_checkpoint(cfg.output_dir)
+        try:
+            tokenizer = load_tokenizer(checkpoint)
+        except (OSError, ValueError) as e:  # damaged outside minibert: its own saves are atomic
+            raise ValueError(f"cannot read the checkpoint {checkpoint} ({e}): delete {checkpoint} and start again "
+                             "without --resume") from None
+    else:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.init) if (cfg.tokenizer or cfg.init) else None
+    if tokenizer is not None:
+        check_special_tokens(tokenizer, cfg.tokenizer or cfg.init, needed=(*REQUIRED_SPECIAL_TOKENS, "[MASK]"))
+        if cfg.init and not cfg.resume:  # before the corpus is tokenized, which can take minutes
+            PT.check_vocab_fits(tokenizer.get_vocab_size(with_added_tokens=True),
+                                BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json").vocab_size,
+                                cfg.init, cfg.tokenizer)
+    return tokenizer
+
+
+def load_data(cfg: PretrainConfig, tokenizer, dist: Distributed) -> tuple[P.PretrainingDataset, P.PretrainingDataset]:
+    """The (train, held-out) splits of the preprocessed corpus."""
+    try:
+        shards = PT.prepare_shards(cfg.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, text_column=cfg.text_column,
+                                   text_field=cfg.text_field, seq_len=cfg.seq_len, nsp=cfg.nsp,
+                                   short_seq_prob=cfg.short_seq_prob, heldout_fraction=cfg.heldout_fraction,
+                                   seed=cfg.seed, dist=dist)
+        train, heldout = P.PretrainingDataset(shards, "train"), P.PretrainingDataset(shards, "heldout")
+    except (P.CorpusError, P.CorpusNotFoundError):
+        raise
+    except (OSError, ValueError, KeyError) as e:  # the settings are checked above: the cache was damaged outside minibert
+        raise P.CorpusError(f"the preprocessed corpus under {cache_dir() / 'pretraining'} is damaged ({e}): "
+                            "delete that folder and run again, it is rebuilt from the corpus") from None
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"the corpus gives {len(train)} training examples, fewer than --batch-size {cfg.batch_size}: "
+                         "use more text or a smaller batch")
+    return train, heldout
+
+
+def build_model(cfg: PretrainConfig, train: P.PretrainingDataset):
     sizes = {"num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
              "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size}
-    sizes = {k: v for k, v in sizes.items() if v is not None}
-    if "hidden_size" in sizes:  # keep the preset's proportions unless told otherwise
-        sizes.setdefault("num_attention_heads", max(1, sizes["hidden_size"] // 64))
-        sizes.setdefault("intermediate_size", 4 * sizes["hidden_size"])
-    config = BertConfig.preset(cfg.preset, vocab_size=vocab_size, max_position_embeddings=max(512, cfg.seq_len),
-                               **sizes, **overrides)
-    return BertForPreTraining(config)
+    model = PT.build_model(train.vocab_size, preset=cfg.preset, init=cfg.init,
+                           sizes={k: v for k, v in sizes.items() if v is not None}, seq_len=cfg.seq_len,
+                           attn_impl=cfg.attn_impl, dropout=cfg.dropout, tokenizer_name=cfg.tokenizer,
+                           verbose=not cfg.resume)
+    if cfg.unigram_bias_init and not cfg.init and not cfg.resume:
+        with torch.no_grad():
+            model.mlm_head.bias.copy_(P.unigram_log_probs(train))
+    if not cfg.nsp:  # the NSP head (and the pooler, which only it reads) get no loss: keep them out of training
+        model.nsp_head.requires_grad_(False)
+        model.bert.pooler.requires_grad_(False)
+    return model
 
 
-def check_vocab_fits(cfg: PretrainConfig, tokenizer_size: int, model_size: int) -> None:
-    if tokenizer_size > model_size:
-        fix = ("use the checkpoint's own tokenizer (drop --tokenizer)" if cfg.tokenizer else
-               "the checkpoint's own tokenizer does not fit its weights: fix its tokenizer files, or pass --tokenizer")
-        raise ValueError(f"the tokenizer has {tokenizer_size} tokens but --init {cfg.init} only {model_size} word "
-                         f"embeddings: {fix}")
+def start_run(cfg: PretrainConfig, model, train: P.PretrainingDataset, heldout: P.PretrainingDataset,
+              dist: Distributed) -> tuple[Trainer, TrainState, dict]:
+    """The Trainer, the state to start from (a checkpoint's when resuming), and the run's settings, saved."""
+    out_dir = Path(cfg.output_dir)
+    precision = resolve_precision(cfg.precision, dist.device)
+    settings = TrainingSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
+                                grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, precision=precision,
+                                compile=cfg.compile, adam_eps=1e-6)
+    trainer = Trainer(model, settings, cfg.max_steps, out_dir, dist)
+    # The settings as given (what --resume compares and restores), then what they resolved to.
+    run_config = {**dataclasses.asdict(cfg), "resolved": {
+        "precision": precision, "shards": str(train.shard_dir), "world_size": dist.world_size,
+        "train_examples": len(train), "heldout_examples": len(heldout)}}
+    state = trainer.resume() if cfg.resume else TrainState()
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "pretrain_config.json", json.dumps(run_config, indent=2) + "\n")
+        if not cfg.resume:
+            remove_earlier_results(out_dir, RESULT_FILES)
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info("minibert: pretraining %.1fM parameters on %d examples of %d tokens (%d held out), %d steps of %d",
+                    n_params / 1e6, len(train), cfg.seq_len, len(heldout), cfg.max_steps, cfg.batch_size)
+    return trainer, state, run_config
 
 
-def flops_per_token(config: BertConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's two T x T matmuls
-    (12 * layers * hidden * T), as in the PaLM paper's MFU accounting. Embedding lookups are not matmuls."""
-    C, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    per_layer = 4 * C * C + 2 * C * config.intermediate_size
-    weights = L * per_layer + C * C + V * C * 0.15 + C * C  # pooler, MLM decoder on ~15% of tokens, MLM transform
-    return 6 * weights + 12 * L * C * seq_len
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
-def mlm_accuracy(out, batch) -> dict:
-    """Share of masked positions predicted right; mlm_logits holds them in (batch, position) order."""
-    labels = batch["labels"].to(out.mlm_logits.device)
-    targets = labels[labels != -100]
-    acc = {"mlm_accuracy": (out.mlm_logits.max(-1).indices == targets).float().mean().item() if len(targets) else 0.0}
-    if out.nsp_loss is not None:
-        acc["nsp_accuracy"] = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"].to(out.nsp_logits.device)).float().mean().item()
-    return acc
-
-
-def trim(batch: dict) -> dict:
-    """Drop the columns that are padding in every row (shards store rows padded to seq_len)."""
-    width = int(batch["attention_mask"].sum(1).max())
-    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(trainer: Trainer, heldout, collate, cfg: PretrainConfig, batch_size: int) -> dict:
-    """MLM loss, perplexity, MLM accuracy and NSP accuracy on the held-out split (fixed masks)."""
-    model = trainer.model.eval()
-    sums = {"mlm_loss": 0.0, "mlm_correct": 0.0, "masked": 0, "nsp_correct": 0.0, "pairs": 0}
-    collate.epoch = 0  # the same masks at every evaluation, so the numbers compare across steps
-    for i, indices in enumerate(P.batches(len(heldout), batch_size, seed=cfg.seed, epoch=0, shuffle=False, drop_last=False)):
-        if cfg.eval_batches and i >= cfg.eval_batches:
-            break
-        batch = trainer.to_device(trim(collate(heldout.batch(indices))))
-        with trainer.autocast():
-            out = model(**batch)
-        n = int((batch["labels"] != -100).sum())
-        sums["mlm_loss"] += out.mlm_loss.item() * n
-        sums["mlm_correct"] += mlm_accuracy(out, batch)["mlm_accuracy"] * n
-        sums["masked"] += n
-        if out.nsp_loss is not None:
-            sums["nsp_correct"] += (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum().item()
-            sums["pairs"] += len(indices)
-    mlm_loss = sums["mlm_loss"] / max(1, sums["masked"])
-    metrics = {"mlm_loss": mlm_loss, "perplexity": math.exp(min(mlm_loss, 50)),
-               "mlm_accuracy": sums["mlm_correct"] / max(1, sums["masked"])}
-    if sums["pairs"]:
-        metrics["nsp_accuracy"] = sums["nsp_correct"] / sums["pairs"]
-    return metrics
+def write_results(cfg: PretrainConfig, trainer: Trainer, tokenizer) -> None:
+    """The model and its training curves; the resumable state, no longer needed, is removed."""
+    out_dir = Path(cfg.output_dir)
+    if trainer.dist.is_main:
+        trainer.model.save_pretrained(out_dir, tokenizer=tokenizer)
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", ("mlm_loss", "mlm_accuracy", "nsp_accuracy"))
+        trainer.remove_checkpoints()
+        logger.info("minibert: model in %s; fine-tune it with: python train_finetune.py --init %s", out_dir, out_dir)
+    trainer.dist.barrier()
 
 
 # ----------------------------------------------------------------------------- main
@@ -254,126 +250,21 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     dist = setup_distributed(cfg.device)
     check_attention_backend(cfg.attn_impl, dist.device)
     seed_everything(cfg.seed)
-    out_dir = Path(cfg.output_dir)
-    precision = resolve_precision(cfg.precision, dist.device)
-    if cfg.batch_size % (dist.world_size * cfg.grad_accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
-                         f"({dist.world_size} x {cfg.grad_accum})")
-    micro_batch = cfg.batch_size // (dist.world_size * cfg.grad_accum)
+    check_settings(cfg, dist)
 
-    if not 0.0 < cfg.mask_prob < 1.0:
-        raise ValueError(f"--mask-prob must be between 0 and 1 (BERT's is 0.15), got {cfg.mask_prob}")
-    if not 0.0 <= cfg.short_seq_prob <= 1.0 or not 0.0 <= cfg.heldout_fraction < 1.0:
-        raise ValueError(f"--short-seq-prob must be in [0, 1] and --heldout-fraction in [0, 1), got "
-                         f"{cfg.short_seq_prob} and {cfg.heldout_fraction}")
-    if cfg.init:
-        positions = BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json").max_position_embeddings
-        if cfg.seq_len > positions:
-            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {positions} positions of --init {cfg.init}: "
-                             f"use --seq-len {positions} or less")
-    if (cfg.init or cfg.tokenizer) and "vocab_size" in getattr(cfg, "given_flags", ()):
-        logger.warning("minibert: --vocab-size is ignored: it sizes a tokenizer trained here, and "
-                       "--init/--tokenizer brings its own")
-    if cfg.resume:  # the run's own tokenizer: a retrained one could number the words differently
-        checkpoint = find_checkpoint(out_dir)
-        try:
-            tokenizer = load_tokenizer(checkpoint)
-        except (OSError, ValueError) as e:  # damaged outside minibert: its own saves are atomic
-            raise ValueError(f"cannot read the checkpoint {checkpoint} ({e}): delete {checkpoint} and start again "
-                             "without --resume") from None
-    else:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.init) if (cfg.tokenizer or cfg.init) else None
-    if tokenizer is not None:
-        check_special_tokens(tokenizer, cfg.tokenizer or cfg.init, needed=(*REQUIRED_SPECIAL_TOKENS, "[MASK]"))
-        if cfg.init and not cfg.resume:  # before the corpus is tokenized, which can take minutes
-            check_vocab_fits(cfg, tokenizer.get_vocab_size(with_added_tokens=True),
-                             BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json").vocab_size)
-    try:
-        shards = prepare_data(cfg, tokenizer, dist)
-        train, heldout = P.PretrainingDataset(shards, "train"), P.PretrainingDataset(shards, "heldout")
-    except (P.CorpusError, P.CorpusNotFoundError):
-        raise
-    except (OSError, ValueError, KeyError) as e:  # the settings are checked above: the cache was damaged outside minibert
-        raise P.CorpusError(f"the preprocessed corpus under {cache_dir() / 'pretraining'} is damaged ({e}): "
-                            "delete that folder and run again, it is rebuilt from the corpus") from None
-    tokenizer = train.tokenizer
-    if len(train) < cfg.batch_size:
-        raise ValueError(f"the corpus gives {len(train)} training examples, fewer than --batch-size {cfg.batch_size}: "
-                         "use more text or a smaller batch")
+    tokenizer = load_run_tokenizer(cfg)
+    train, heldout = load_data(cfg, tokenizer, dist)
+    tokenizer = train.tokenizer  # the shards' copy: the one trained on the corpus when none was given
     collate = P.MaskingCollator.for_dataset(train, mask_prob=cfg.mask_prob, whole_word_mask=cfg.whole_word_mask, seed=cfg.seed)
-    model = build_model(cfg, train.vocab_size)
-    if cfg.unigram_bias_init and not cfg.init and not cfg.resume:
-        with torch.no_grad():
-            model.mlm_head.bias.copy_(P.unigram_log_probs(train))
-    if not cfg.nsp:  # the NSP head (and the pooler, which only it reads) get no loss: keep them out of training
-        model.nsp_head.requires_grad_(False)
-        model.bert.pooler.requires_grad_(False)
-    settings = TrainingSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
-                                grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, precision=precision,
-                                compile=cfg.compile, adam_eps=1e-6)
-    trainer = Trainer(model, settings, cfg.max_steps, out_dir, dist)
-    # The settings as given (what --resume compares and restores), then what they resolved to.
-    run_config = {**dataclasses.asdict(cfg), "resolved": {
-        "precision": precision, "shards": str(shards), "world_size": dist.world_size, "train_examples": len(train),
-        "heldout_examples": len(heldout)}}
-    state = trainer.resume() if cfg.resume else TrainState()
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "pretrain_config.json", json.dumps(run_config, indent=2) + "\n")
-        if not cfg.resume:
-            remove_earlier_results(out_dir, RESULT_FILES)
-        n_params = sum(p.numel() for p in model.parameters())
-        logger.info("minibert: pretraining %.1fM parameters on %d examples of %d tokens (%d held out), %d steps of %d",
-                    n_params / 1e6, len(train), cfg.seq_len, len(heldout), cfg.max_steps, cfg.batch_size)
-
-    steps_per_epoch = P.num_batches(len(train), cfg.batch_size)
-    flops = flops_per_token(model.config, cfg.seq_len)
-    peak = peak_flops(dist.device)
-    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (dist.is_main and cfg.progress), desc="pretraining",
-               dynamic_ncols=True)
-    speed = Throughput()
-    metrics = {}
-    while state.step < cfg.max_steps:
-        collate.epoch = state.epoch
-        for indices in P.batches(len(train), cfg.batch_size, seed=cfg.seed, epoch=state.epoch, rank=dist.rank,
-                                 world_size=dist.world_size, start_step=state.batch_in_epoch):
-            collate.epoch = state.epoch
-            micro = [trim(collate(train.batch(indices[i : i + micro_batch]))) for i in range(0, len(indices), micro_batch)]
-            result = trainer.step(micro, metrics_fn=mlm_accuracy)
-            state.step += 1
-            state.batch_in_epoch += 1
-            tokens = dist.all_reduce_mean(float(sum(int(b["attention_mask"].sum()) for b in micro))) * dist.world_size
-            tokens_per_s = speed.update(int(tokens))
-            postfix = {"loss": f"{result['loss']:.3f}", "mlm_acc": f"{result['mlm_accuracy']:.3f}", "tok_s": f"{tokens_per_s:.0f}"}
-            if peak:
-                postfix["mfu"] = f"{tokens_per_s * flops / peak:.1%}"
-            bar.update(1)
-            bar.set_postfix(postfix)
-            trainer.log_metrics({"split": "train", "step": state.step, **{k: v for k, v in result.items() if v is not None},
-                                 "tokens_per_s": tokens_per_s})
-            if state.batch_in_epoch >= steps_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == cfg.max_steps:
-                if dist.is_main and len(heldout):
-                    metrics = evaluate(trainer, heldout, collate, cfg, micro_batch * cfg.grad_accum)
-                    trainer.log_metrics({"split": "eval", "step": state.step, **metrics})
-                    tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                    collate.epoch = state.epoch
-                dist.barrier()
-            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
-                trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
-            if _stop_after_steps is not None and state.step >= _stop_after_steps:
-                bar.close()
-                return {"stopped_at": state.step}
-            if state.step >= cfg.max_steps:
-                break
-    bar.close()
-    if dist.is_main:
-        model.save_pretrained(out_dir, tokenizer=tokenizer)
-        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", ("mlm_loss", "mlm_accuracy", "nsp_accuracy"))
-        trainer.remove_checkpoints()
-        logger.info("minibert: model in %s; fine-tune it with: python train_finetune.py --init %s", out_dir, out_dir)
-    dist.barrier()
+    model = build_model(cfg, train)
+    trainer, state, run_config = start_run(cfg, model, train, heldout, dist)
+    metrics = PT.train(trainer, state, train, collate, batch_size=cfg.batch_size, heldout=heldout,
+                       eval_steps=cfg.eval_steps, eval_batches=cfg.eval_batches, save_steps=cfg.save_steps,
+                       seed=cfg.seed, tokenizer=tokenizer, run_config=run_config, progress=cfg.progress,
+                       stop_after_steps=_stop_after_steps)
+    if "stopped_at" in metrics:
+        return metrics
+    write_results(cfg, trainer, tokenizer)
     return metrics
 
 

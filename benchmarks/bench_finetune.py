@@ -27,8 +27,6 @@ import os
 import platform
 import time
 from pathlib import Path
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 import transformers
@@ -50,7 +48,7 @@ def minibert_initial_classifier(cfg: train_finetune.FinetuneConfig, vocab) -> di
     """The classifier head train_finetune.py starts from with cfg.seed: it builds the model right after
     seeding, so building it the same way draws the same weights."""
     train_finetune.seed_everything(cfg.seed)
-    model = train_finetune.build_model(cfg, SimpleNamespace(task_type="classification"), vocab, minilm_dir())
+    model = train_finetune.build_model(cfg, "classification", vocab, minilm_dir())
     return {"weight": model.classifier.weight.detach().clone(), "bias": model.classifier.bias.detach().clone()}
 
 

@@ -27,7 +27,7 @@ import transformers
 
 import minibert
 from minibert.kernels import flash_attention
-from train_pretrain import flops_per_token
+from minibert.pretraining import flops_per_token
 
 PEAK = 989e12
 # log-normal fitted to the movie-review sentences' token counts (MiniLM tokenizer, [CLS]/[SEP] included)

@@ -238,7 +238,7 @@ def test_quoted_empty_text_in_a_one_column_csv_is_an_example(tiny_init_dir, tmp_
 def test_without_a_validation_file_a_seeded_tenth_of_the_training_data_is_held_out(tiny_init_dir, tmp_path, caplog):
     import logging
 
-    from train_finetune import hold_out
+    from minibert.finetuning import hold_out
 
     train = write_csv(tmp_path / "train.csv", sentiment_rows(40))
     with caplog.at_level(logging.INFO, logger="minibert"):

@@ -1,0 +1,405 @@
+"""Fine-tuning as a library: each step train_finetune.py runs, callable from Python.
+
+    task = load_task_data(train_file="train.csv", validation_file="dev.csv")    # or task="mrpc", data_dir=...
+    init_dir = resolve_model_dir("bert-base-uncased")
+    init_config = BertConfig.from_json_file(init_dir / "config.json")
+    vocab = choose_labels(task, init_config, init="bert-base-uncased")          # None for regression
+    tokenizer = load_tokenizer(init_dir)
+    check_tokenizer_fits(tokenizer, init_config, "bert-base-uncased", text_pairs=False)
+    features = encode_task(tokenizer, task, vocab, max_length_for(init_config, None, "bert-base-uncased"))
+    model = build_model(task.task_type, vocab, init_dir)
+    schedule = Schedule(batch_size=32, grad_accum=1, seed=42, group_by_length=True, epochs=3, max_steps=0,
+                        eval_steps=0, save_steps=500, early_stopping=0)
+    total_steps, epochs = schedule.steps([len(f) for f in features.train], Distributed())
+    trainer = Trainer(model, TrainingSettings(...), total_steps, "runs/x")
+    train(trainer, TrainState(), features.train, schedule, epochs=epochs, pad_token_id=tokenizer.token_to_id("[PAD]"),
+          validate=lambda model: {"accuracy": ...}, main_metric="accuracy")
+
+Task types and their models: "classification", "multilabel" and "regression" fine-tune a
+BertForSequenceClassification (regression with one output), "token-classification" a
+BertForTokenClassification. A checkpoint that already is a classifier keeps its head and label ids
+when the data has the same labels; other labels need reinit_head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minibert import data as D
+from minibert.checkpoint import weight_names
+from minibert.config import BertConfig
+from minibert.metrics import greater_is_better
+from minibert.model import BertForSequenceClassification, BertForTokenClassification, PreTrainedBert
+from minibert.training import Distributed, Throughput, Trainer, TrainState, atomic_write_text
+
+logger = logging.getLogger("minibert")
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class TaskData:
+    task_type: str
+    train: list
+    validation: list
+    test: list | None
+    name: str
+    metric_names: tuple[str, ...] | None = None  # None: every metric of the task type
+    main_metric: str | None = None
+    label_order: tuple[str, ...] | None = None  # fixed label ids (GLUE's), else sorted training labels
+
+
+def hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random share of the examples as validation data, the rest (in their order) for training."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--validation-fraction must be between 0 and 1, got {fraction}")
+    count = max(1, round(fraction * len(examples)))
+    if len(examples) - count < 1:
+        raise D.DataError(f"--train-file has {len(examples)} example(s): too few to hold some out for validation; "
+                          "give a --validation-file")
+    held = set(np.random.default_rng(seed).choice(len(examples), count, replace=False).tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held])
+
+
+def load_task_data(
+    *,
+    task: str | None = None,
+    data_dir: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+    task_type: str | None = None,
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = None,
+    validation_fraction: float = 0.1,
+    max_train_examples: int = 0,
+    seed: int = 42,
+) -> TaskData:
+    """The examples to train, validate and test on: a GLUE task (task + data_dir), files (train_file, and
+    validation_file or else a validation_fraction of it held out), or nothing for the built-in
+    movie-review task. max_train_examples > 0 keeps a random subset (chosen by seed) of the training data."""
+    files = train_file or validation_file or test_file
+    if task and files:
+        raise D.DataError("give either --task (GLUE) or --train-file/--validation-file, not both")
+    if task and task.lower() not in ("movie-reviews", "movie_reviews"):  # those name the built-in default
+        if not data_dir:
+            raise D.DataError(f"--task {task} needs --data-dir, the folder of the GLUE download holding its TSV files")
+        train, validation, test, spec = D.load_glue(task, data_dir)
+        data = TaskData(spec.task_type, train, validation, test, f"glue-{task.lower()}", spec.metrics,
+                        spec.main_metric, spec.labels)
+    elif files:
+        if not train_file:
+            raise D.DataError("give --train-file, the labelled examples to train on (--validation-file and --test-file "
+                              "are optional)")
+        if task_type is None:
+            task_type, reason = D.infer_task_type(train_file, text_column=text_column, label_column=label_column)
+            logger.info("minibert: treating the data as %s: %s (--task-type chooses)", task_type, reason)
+        columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
+        train = D.load_examples(train_file, task_type=task_type, flag="--train-file", **columns)
+        if validation_file:
+            validation = D.load_examples(validation_file, task_type=task_type, flag="--validation-file", **columns)
+        else:
+            train, validation = hold_out(train, validation_fraction, seed)
+            logger.info("minibert: no --validation-file: %d of the %d training examples (--validation-fraction %g, "
+                        "chosen by --seed) are held out for validation", len(validation), len(train) + len(validation),
+                        validation_fraction)
+        test = None
+        if test_file:
+            test = D.load_examples(test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
+        data = TaskData(task_type, train, validation, test, Path(train_file).stem)
+    else:
+        task_type = task_type or "classification"
+        train, validation, test = D.movie_reviews(task_type)
+        data = TaskData(task_type, train, validation, test, "movie-reviews")
+    if 0 < max_train_examples < len(data.train):
+        keep = np.sort(np.random.default_rng(seed).choice(len(data.train), max_train_examples, replace=False))
+        data.train = [data.train[i] for i in keep]
+    return data
+
+
+def max_length_for(config: BertConfig, requested: int | None, init: str) -> int:
+    """Tokens per example: what was asked for, else 128 or the model's positions if it has fewer."""
+    max_length = requested or min(128, config.max_position_embeddings)
+    if max_length > config.max_position_embeddings:
+        raise ValueError(f"--max-length {max_length} exceeds the {config.max_position_embeddings} positions of --init "
+                         f"{init}: use --max-length {config.max_position_embeddings} or less")
+    return max_length
+
+
+@dataclass
+class TaskFeatures:
+    """The task's examples tokenized once (data.Features), split by split."""
+
+    train: list
+    validation: list
+    test: list | None
+
+
+def encode_task(tokenizer, task: TaskData, vocab: D.LabelVocab | None, max_length: int) -> TaskFeatures:
+    def encode(examples, source):
+        return D.encode_examples(tokenizer, examples, max_length=max_length, task_type=task.task_type,
+                                 label_vocab=vocab, source=source)
+
+    test = encode(task.test, "the test data") if task.test else None
+    return TaskFeatures(encode(task.train, "the training data"), encode(task.validation, "the validation data"), test)
+
+
+# ----------------------------------------------------------------------------- labels and the model
+
+MODEL_CLASSES = {"token-classification": BertForTokenClassification}  # every other task type: sequence classification
+PROBLEM_TYPES = {"classification": "single_label_classification", "multilabel": "multi_label_classification",
+                 "regression": "regression", "token-classification": None}
+
+
+def model_class(task_type: str) -> type[PreTrainedBert]:
+    return MODEL_CLASSES.get(task_type, BertForSequenceClassification)
+
+
+def classifier_kind(config: BertConfig, init_dir: Path) -> str | None:
+    """Which head --init has: "token" or "sequence" (a classifier), or None. transformers names it in
+    config.json's architectures; without that, a classifier.weight in the weights still makes it one."""
+    architectures = config.extra.get("architectures")
+    if not architectures:
+        return "sequence" if "classifier.weight" in weight_names(init_dir) else None
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return "token"
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "sequence"
+    return None
+
+
+def checkpoint_labels(config: BertConfig) -> list[str]:
+    """A classifier checkpoint's label names by id. transformers leaves id2label out of config.json when
+    the names are its defaults, LABEL_0, LABEL_1, ..., which is what a model trained on integer labels
+    has: such labels are the ids themselves, "0", "1", ... (the names data with integer labels uses)."""
+    if config.id2label:
+        names = [config.id2label[i] for i in range(len(config.id2label))]
+    else:
+        names = [f"LABEL_{i}" for i in range(config.num_labels)]
+    if names == [f"LABEL_{i}" for i in range(len(names))]:
+        return [str(i) for i in range(len(names))]
+    return names
+
+
+def check_tokenizer_fits(tokenizer, config: BertConfig, init: str, text_pairs: bool) -> None:
+    """Token ids the model has no embedding for would stop a run at the first batch that holds one."""
+    if tokenizer.get_vocab_size(with_added_tokens=True) > config.vocab_size:
+        raise ValueError(
+            f"the tokenizer of --init {init} has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model "
+            f"only {config.vocab_size} word embeddings: the tokenizer files belong to another model; put the "
+            "checkpoint's own tokenizer (vocab.txt / tokenizer.json) next to its weights"
+        )
+    if text_pairs and config.type_vocab_size < 2:
+        raise ValueError(f"--text-pair-column needs two segment (token type) embeddings, and --init {init} has "
+                         f"type_vocab_size {config.type_vocab_size}: join the two texts into one column instead")
+
+
+def choose_labels(task: TaskData, init_config: BertConfig, *, init: str, init_is_classifier: bool = False,
+                  reinit_head: bool = False) -> D.LabelVocab | None:
+    """The label vocabulary (None for regression). A classifier --init keeps its own label ids when the
+    data's labels are the same set; other labels need reinit_head (--reinit-head)."""
+    if task.task_type == "regression":
+        if init_is_classifier and init_config.num_labels != 1 and not reinit_head:
+            raise D.DataError(
+                f"--init {init} is a classifier with {init_config.num_labels} labels, but this is a regression "
+                "task: pass --reinit-head to train a new (one-output) head"
+            )
+        return None
+    if task.label_order is not None:
+        vocab = D.LabelVocab(task.label_order)
+    else:
+        vocab = D.LabelVocab.from_examples(task.train, task.task_type)
+    if init_is_classifier and not reinit_head:
+        theirs = checkpoint_labels(init_config)
+        if sorted(theirs) != sorted(vocab.labels):
+            raise D.DataError(
+                f"--init {init} is a classifier for labels {theirs}, but the training data has labels {vocab.labels}: "
+                "pass --reinit-head to train a new head, or use data with the checkpoint's labels"
+            )
+        # Same labels: continue with the checkpoint's head and ids.
+        logger.info("minibert: keeping the classifier head of --init %s and its label ids %s", init, dict(enumerate(theirs)))
+        vocab = D.LabelVocab(theirs)
+    if task.task_type == "classification" and len(vocab) < 2:
+        raise D.DataError(f"the training data has one label only ({vocab.labels[0]!r}): a classifier needs examples "
+                          "of at least two labels (for a score, pass --task-type regression)")
+    return vocab
+
+
+def build_model(
+    task_type: str,
+    vocab: D.LabelVocab | None,
+    init_dir: str | Path,
+    *,
+    reinit_head: bool = False,
+    attn_impl: str | None = None,
+    dropout: float | None = None,
+    freeze_embeddings: bool = False,
+    freeze_layers: int = 0,
+    reinit_layers: int = 0,
+    verbose: bool = True,
+) -> PreTrainedBert:
+    """The task's model from --init, with a head for vocab's labels (one output for regression), then the
+    bottom layers frozen and the top ones re-initialised as asked. verbose=False: say nothing of new weights."""
+    overrides = dict(
+        num_labels=1 if vocab is None else len(vocab),
+        id2label={0: "score"} if vocab is None else dict(enumerate(vocab.labels)),
+        problem_type=PROBLEM_TYPES[task_type],
+    )
+    if attn_impl:
+        overrides["attn_impl"] = attn_impl
+    if dropout is not None:
+        overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    model = model_class(task_type).from_pretrained(str(init_dir), reinit_head=reinit_head, verbose=verbose, **overrides)
+    layers = model.bert.layers
+    if freeze_embeddings:
+        model.bert.embeddings.requires_grad_(False)
+    if freeze_layers:
+        if freeze_layers > len(layers):
+            raise ValueError(f"--freeze-layers {freeze_layers}: the model has only {len(layers)} layers")
+        for layer in layers[:freeze_layers]:
+            layer.requires_grad_(False)
+    if reinit_layers:
+        if reinit_layers > len(layers):
+            raise ValueError(f"--reinit-layers {reinit_layers}: the model has only {len(layers)} layers")
+        for part in [*layers[len(layers) - reinit_layers:], model.bert.pooler]:
+            if part is not None:
+                model.init_weights(part)
+    return model
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+@dataclass
+class Schedule:
+    """When the loop steps, evaluates, saves and stops: train_finetune.py's flags of the same names."""
+
+    batch_size: int  # per process
+    grad_accum: int
+    seed: int  # the batch order of each epoch
+    group_by_length: bool
+    epochs: int
+    max_steps: int  # 0: all epochs
+    eval_steps: int  # 0: at the end of each epoch
+    save_steps: int  # 0: checkpoints only at evaluations
+    early_stopping: int  # 0: never
+
+    @classmethod
+    def of(cls, settings) -> Schedule:
+        """The fields of the same names of a settings object (train_finetune.FinetuneConfig)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+    def batches(self, lengths: Sequence[int], epoch: int, dist: Distributed, skip: int = 0) -> list[list[int]]:
+        """This process's batches (example indices) of one epoch, less the first `skip`."""
+        chunk_batches = 50 if self.group_by_length else 1  # sorting within one batch only leaves batches random
+        return D.train_batches(lengths, self.batch_size, seed=self.seed, epoch=epoch, rank=dist.rank,
+                               world_size=dist.world_size, skip=skip, chunk_batches=chunk_batches)
+
+    def steps(self, lengths: Sequence[int], dist: Distributed) -> tuple[int, int]:
+        """(optimizer steps of the run, epochs it takes to make them)."""
+        steps_per_epoch = math.ceil(len(self.batches(lengths, 0, dist)) / self.grad_accum)
+        total_steps = self.max_steps or self.epochs * steps_per_epoch
+        return total_steps, math.ceil(total_steps / steps_per_epoch)
+
+
+def write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def train(
+    trainer: Trainer,
+    state: TrainState,
+    features: Sequence[D.Features],
+    schedule: Schedule,
+    *,
+    epochs: int,
+    pad_token_id: int,
+    validate: Callable[[PreTrainedBert], dict[str, float]],
+    main_metric: str,
+    tokenizer=None,
+    run_config: dict | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> dict:
+    """Fine-tune trainer.model on `features` from `state` on, to trainer.total_steps (at most `epochs`).
+
+    At each evaluation, validate(model) (run on rank 0 only) gives the validation metrics; the best model
+    by main_metric is saved to trainer.output_dir with eval_results.json, and schedule.early_stopping
+    evaluations without improvement stop the run. Resumable checkpoints (with run_config) are written at
+    evaluations and every schedule.save_steps. Returns {"steps", "seconds", "examples_per_s"} of training
+    alone (evaluation and saving not counted); stop_after_steps simulates a kill: {"stopped_at": step}.
+    """
+    model, dist, out_dir, total_steps = trainer.model, trainer.dist, trainer.output_dir, trainer.total_steps
+    better = greater_is_better(main_metric)
+    lengths = [len(f) for f in features]
+
+    def evaluate_and_keep_best() -> bool:
+        """Score the validation set, save the model if it is the best so far; True to stop early."""
+        if dist.is_main:
+            metrics = validate(model)
+            trainer.log_metrics({"split": "eval", "step": state.step, "epoch": state.epoch, **metrics})
+            value = metrics[main_metric]
+            if state.best_metric is None or (value > state.best_metric if better else value < state.best_metric):
+                state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+                model.save_pretrained(out_dir, tokenizer=tokenizer)
+                write_json(out_dir / "eval_results.json", {**metrics, "step": state.step, "epoch": state.epoch})
+            else:
+                state.evals_without_improvement += 1
+            tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                       + f" (best {main_metric} {state.best_metric:.4f} at step {state.best_step})")
+        stop = [bool(schedule.early_stopping) and state.evals_without_improvement >= schedule.early_stopping]
+        if dist.enabled:
+            torch.distributed.broadcast_object_list(stop)
+        return stop[0]
+
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and progress), desc="fine-tuning",
+               dynamic_ncols=True)
+    speed = Throughput()
+    train_seconds, examples_trained = 0.0, 0  # training alone, without evaluation and saving
+    stopped_early = False
+    while state.step < total_steps and state.epoch < epochs and not stopped_early:
+        batches = schedule.batches(lengths, state.epoch, dist, skip=state.batch_in_epoch)
+        for start in range(0, len(batches), schedule.grad_accum):
+            group = batches[start : start + schedule.grad_accum]
+            step_start = time.perf_counter()
+            micro = [D.collate([features[i] for i in batch], pad_token_id) for batch in group]
+            result = trainer.step(micro)
+            train_seconds += time.perf_counter() - step_start
+            state.step += 1
+            state.batch_in_epoch += len(group)
+            n = sum(len(b) for b in group) * dist.world_size
+            state.examples_seen += n
+            examples_trained += n
+            bar.update(1)
+            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", ex_s=f"{speed.update(n):.0f}")
+            trainer.log_metrics({"split": "train", "step": state.step, "epoch": state.epoch, "loss": result["loss"],
+                                 "lr": result["lr"], "grad_norm": result["grad_norm"]})
+            epoch_done = start + schedule.grad_accum >= len(batches)  # `batches` holds what is left of this epoch
+            if epoch_done:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            evaluate_now = ((schedule.eval_steps and state.step % schedule.eval_steps == 0)
+                            or (not schedule.eval_steps and epoch_done))
+            if evaluate_now or state.step == total_steps:
+                stopped_early = evaluate_and_keep_best()
+            save_now = evaluate_now or (schedule.save_steps and state.step % schedule.save_steps == 0)
+            if save_now and state.step < total_steps and not stopped_early:
+                trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
+            if stop_after_steps is not None and state.step >= stop_after_steps:
+                bar.close()
+                return {"stopped_at": state.step}
+            if state.step >= total_steps or stopped_early:
+                break
+    bar.close()
+    return {"steps": state.step, "seconds": round(train_seconds, 2),
+            "examples_per_s": round(examples_trained / max(train_seconds, 1e-9), 1)}
