@@ -6,15 +6,15 @@
 
 Why minibert has its own trainer: ``tokenizers``' WordPieceTrainer gives a different vocabulary in every
 process (huggingface/tokenizers#1794; the fix, PR #2066, is in no release up to 0.23.3, and the 1.0 release
-candidates on PyPI have no training API). Its ``##`` pieces get ids in the iteration order of a randomly seeded Rust hash map, ties
-between equally frequent merges go to the lower ids, and the characters kept under ``limit_alphabet`` are
-cut from a list sorted unstably by count. Even with the ids fixed, its merge queue can hold two entries for
-one pair with the same count, popped in an order set by hash-map draining. SentencePiece's BPE is
-deterministic, but it is another dependency, treats a word's first character as a merge with its ``▁``
-marker (which WordPiece gets for free) and picks merges from a periodically refreshed shortlist rather than
-from all pairs; converting its pieces would give a different recipe from the one minibert's models were
-trained with. So this is the Hugging Face recipe itself, BPE on words with ``##`` for pieces that continue
-a word, written out with every choice explicit:
+candidates on PyPI have no training API). It numbers the ``##`` pieces in the iteration order of a randomly
+seeded Rust hash map and breaks ties between equally frequent merges by those numbers; it cuts the alphabet at
+``limit_alphabet`` from a list sorted unstably by count; and even with the numbers fixed, its merge queue can
+hold two entries for one pair with the same count, popped in an order that hash-map draining sets.
+SentencePiece's BPE is deterministic, but it is another dependency, spends merges joining each word's first
+character to its ``▁`` marker (which WordPiece has for free) and picks each merge from a shortlist refreshed
+every 100 merges rather than from all pairs: a different recipe from the one minibert's models were trained
+with. So this is the Hugging Face recipe itself, BPE on words with ``##`` for the pieces that continue a word,
+written out with every choice explicit:
 
 1. Words. BERT's normaliser and pre-tokenizer (the ones the trained tokenizer encodes with) split the text
    into words, which are counted.
@@ -34,13 +34,16 @@ word counts, and the counts of the text (tested across processes with different 
 thread settings). Bump TRAINER_VERSION with any change that can change a vocabulary, so that cached
 tokenizers of the old trainer are not reused.
 
-Limitations: the merges run in Python on the distinct words, about 5 s for the built-in corpus's 63,000;
-counting a text that is mostly not ASCII (Chinese, Russian) goes through ``tokenizers``' Python bindings
-word by word, a few times slower than for English.
+Limitations: the merges run in Python, on the distinct words (63,000 in the built-in corpus of 3 M words:
+about as fast as tokenizers' Rust trainer on 2 cores), in one process; a
+chunk of text that is not plain ASCII (most of a Chinese or Russian text) is split by tokenizers' Python
+bindings, several times slower per word.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 import re
 from collections import Counter, defaultdict
@@ -57,17 +60,17 @@ CONTINUATION_PREFIX = "##"
 # ----------------------------------------------------------------------------------------------
 # 1. Words.
 
-# Counting through tokenizers' Python bindings costs about 10 µs a word (each call builds a NormalizedString
-# that tracks offsets), more than the whole rest of training. For printable ASCII, BERT's normaliser only
-# lower-cases, and its pre-tokenizer splits on whitespace and makes each punctuation character a word of its
-# own (every printable ASCII character that is not a letter or digit counts as punctuation): one regex in C.
-# Any whitespace-delimited chunk holding another character (accents, CJK, curly quotes, control characters)
-# goes through tokenizers itself. Both steps act character by character, never across ASCII whitespace, so
-# chunk by chunk gives exactly the words of the whole text (tested against tokenizers on mixed text).
+# Counting through tokenizers' Python bindings costs microseconds a word (each call builds a NormalizedString
+# that tracks offsets): for the built-in corpus, more than the whole rest of training. So the text is first cut at ASCII whitespace
+# into chunks, counted with Counter (in C), and each distinct chunk is split once. For printable ASCII,
+# BERT's normaliser only lower-cases, and its pre-tokenizer makes each punctuation character a word of its
+# own (every printable ASCII character that is not a letter or digit counts as punctuation): one regex. A
+# chunk holding any other character (accents, CJK, curly quotes, control characters) goes through
+# tokenizers itself. Neither step acts across ASCII whitespace, so chunk by chunk gives exactly the words of
+# the whole text (tested against tokenizers on mixed text).
 _NOT_PLAIN_ASCII = re.compile(r"[^ -~\t\n\r]")
-_CHUNK_NOT_PLAIN_ASCII = re.compile(r"[^ \t\n\r]*[^ -~\t\n\r][^ \t\n\r]*")
-_PLAIN_WORDS = {True: re.compile(r"[0-9a-z]+|[!-/:-@\[-`{-~]"), False: re.compile(r"[0-9A-Za-z]+|[!-/:-@\[-`{-~]")}
-_CHUNKS_PER_CALL = 10_000
+_ASCII_WHITESPACE = re.compile(r"[ \t\n\r]+")
+_PLAIN_WORDS = re.compile(r"[0-9A-Za-z]+|[!-/:-@\[-`{-~]")
 
 
 def bert_normalizer(lowercase: bool) -> normalizers.Normalizer:
@@ -78,26 +81,23 @@ def bert_normalizer(lowercase: bool) -> normalizers.Normalizer:
 
 def count_words(texts: Iterable[str], *, lowercase: bool) -> Counter[str]:
     """How often each word occurs, the words being what ``bert_normalizer(lowercase)`` and BERT's
-    pre-tokenizer make of each text. Counts in the order words are first seen."""
-    normalizer, pre_tokenizer = bert_normalizer(lowercase), pre_tokenizers.BertPreTokenizer()
-    plain_words = _PLAIN_WORDS[lowercase]
-    counts: Counter[str] = Counter()
-    other_chunks: list[str] = []
-
-    def count_other_chunks() -> None:
-        text = normalizer.normalize_str(" ".join(other_chunks))
-        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(text))
-        other_chunks.clear()
-
+    pre-tokenizer make of each text."""
+    chunks: Counter[str] = Counter()
     for text in texts:
-        if _NOT_PLAIN_ASCII.search(text):
-            other_chunks.extend(_CHUNK_NOT_PLAIN_ASCII.findall(text))
-            text = _CHUNK_NOT_PLAIN_ASCII.sub(" ", text)
-            if len(other_chunks) >= _CHUNKS_PER_CALL:
-                count_other_chunks()
-        counts.update(plain_words.findall(text.lower() if lowercase else text))
-    if other_chunks:
-        count_other_chunks()
+        # str.split() cuts at more than ASCII whitespace (\x1c, \x85, ...), which BERT's normaliser deletes.
+        chunks.update(_ASCII_WHITESPACE.split(text) if _NOT_PLAIN_ASCII.search(text) else text.split())
+
+    counts: Counter[str] = Counter()
+    normalizer, pre_tokenizer = bert_normalizer(lowercase), pre_tokenizers.BertPreTokenizer()
+    for chunk, n in chunks.items():
+        if chunk.isascii() and chunk.isprintable():
+            if lowercase:
+                chunk = chunk.lower()
+            for word in [chunk] if chunk.isalnum() else _PLAIN_WORDS.findall(chunk):
+                counts[word] += n
+        else:
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(chunk)):
+                counts[word] += n
     return counts
 
 
@@ -136,9 +136,30 @@ def train_wordpiece_vocab(
     token_id = {token: i for i, token in enumerate(tokens)}
     if len(token_id) != len(tokens):
         raise ValueError(f"the special tokens {list(special_tokens)} repeat each other or a character of the corpus")
-    symbols = [[token_id[w[0]], *(token_id[CONTINUATION_PREFIX + c] for c in w[1:])] for w in words]
+    continuation_id = {c: token_id[CONTINUATION_PREFIX + c] for c in continuations}.__getitem__
+    symbols = [[token_id[w[0]], *map(continuation_id, w[1:])] for w in words]
     counts = [word_counts[w] for w in words]
+    with _cyclic_garbage_collection_paused():
+        _merge_pairs(tokens, token_id, symbols, counts, vocab_size, min_frequency)
+    return tokens
 
+
+@contextlib.contextmanager
+def _cyclic_garbage_collection_paused():
+    """The merges allocate millions of small tuples and lists and make no reference cycles; Python's cyclic
+    collector would walk all of them again and again (a third of the time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _merge_pairs(tokens: list[str], token_id: dict[str, int], symbols: list[list[int]], counts: list[int],
+                 vocab_size: int, min_frequency: int) -> None:
+    """Step 4: merge in ``symbols`` (each word's symbol ids) and append the new pieces to ``tokens``."""
     # pair_count[(a, b)]: occurrences of symbol a followed by b, each word counted as often as it occurs.
     # words_with[(a, b)]: the words that hold, or once held, the pair (a word is checked before merging).
     pair_count: defaultdict[tuple[int, int], int] = defaultdict(int)
@@ -174,41 +195,38 @@ def train_wordpiece_vocab(
         del pair_count[(a, b)]
         for pair in gained:
             if pair_count[pair] > 0:  # `a b a b`: (new, a) is made, then made into (new, new)
-                    heapq.heappush(queue, (-pair_count[pair], tokens[pair[0]], tokens[pair[1]], *pair))
-    return tokens
+                heapq.heappush(queue, (-pair_count[pair], tokens[pair[0]], tokens[pair[1]], *pair))
 
 
 def _merge_in_word(word: list[int], a: int, b: int, new: int, count: int, pair_count, words_with, w: int,
                    gained: set) -> list[int]:
     """``word`` with every ``a b`` (left to right, so ``a a a`` with a == b gives ``new a``) replaced by
     ``new``; the counts of the neighbouring pairs move from ``(x, a)``/``(b, y)`` to ``(x, new)``/``(new, y)``."""
-    out = []
-    start = 0
+    out, start, i, last = [], 0, 0, len(word) - 1
     while True:
         try:
-            i = word.index(a, start)
+            i = word.index(a, i, last)  # an `a` that has a right neighbour
         except ValueError:
             break
-        if i + 1 == len(word):
-            break
         if word[i + 1] != b:
-            out.extend(word[start : i + 1])
-            start = i + 1
+            i += 1
             continue
-        out.extend(word[start:i])
+        out += word[start:i]
         if out:  # the left neighbour as it stands now: after `a b a b`'s first merge it is `new`
-            pair_count[(out[-1], a)] -= count
-            _add_pair(out[-1], new, count, pair_count, words_with, w, gained)
-        if i + 2 < len(word):
-            pair_count[(b, word[i + 2])] -= count
-            _add_pair(new, word[i + 2], count, pair_count, words_with, w, gained)
+            left = out[-1]
+            pair_count[left, a] -= count
+            pair_count[left, new] += count
+            words_with[left, new].add(w)
+            gained.add((left, new))
+        if i + 2 <= last:
+            right = word[i + 2]
+            pair_count[b, right] -= count
+            pair_count[new, right] += count
+            words_with[new, right].add(w)
+            gained.add((new, right))
         out.append(new)
-        start = i + 2
-    out.extend(word[start:])
+        start = i = i + 2
+    if not start:  # the pair was broken up by an earlier merge
+        return word
+    out += word[start:]
     return out
-
-
-def _add_pair(x: int, y: int, count: int, pair_count, words_with, w: int, gained: set) -> None:
-    pair_count[(x, y)] += count
-    words_with[(x, y)].add(w)
-    gained.add((x, y))
