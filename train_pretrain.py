@@ -40,6 +40,7 @@ from minibert import pretraining_data as P
 from minibert.assets import cache_dir
 from minibert.config import BertConfig
 from minibert.hub import resolve_model_dir
+from minibert.segmentation import SEGMENTERS
 from minibert.tokenizer import REQUIRED_SPECIAL_TOKENS, check_special_tokens, load_tokenizer
 from minibert.training import (
     Distributed,
@@ -76,7 +77,10 @@ class PretrainConfig:
     short_seq_prob: float = 0.1  # share of shorter examples, so the model also sees short inputs
     heldout_fraction: float = 0.01  # documents held out for evaluation
     mask_prob: float = 0.15  # share of tokens to predict; of them 80% [MASK], 10% random, 10% unchanged
-    whole_word_mask: bool = False  # mask all pieces of a word together
+    whole_word_mask: bool = False  # mask all pieces of a word together (on Chinese text: the characters of a --segmenter word)
+    # With --whole-word-mask, how Chinese text (single-character tokens) is cut into words, once, when the shards
+    # are built: jieba (pip install jieba), as Chinese-BERT-wwm does, or none (each character its own word)
+    segmenter: str = "jieba"
     # --- model ---
     preset: str = "mini"  # tiny | mini | small | medium | base | large
     init: str | None = None  # continue pretraining a checkpoint (hub id or directory) instead of a fresh model
@@ -132,6 +136,8 @@ def check_settings(cfg: PretrainConfig, dist: Distributed) -> None:
                          f"({dist.world_size} x {cfg.grad_accum})")
     if not 0.0 < cfg.mask_prob < 1.0:
         raise ValueError(f"--mask-prob must be between 0 and 1 (BERT's is 0.15), got {cfg.mask_prob}")
+    if cfg.segmenter not in SEGMENTERS:
+        raise ValueError(f"--segmenter {cfg.segmenter!r} is unknown; choose one of {', '.join(SEGMENTERS)}")
     if not 0.0 <= cfg.short_seq_prob <= 1.0 or not 0.0 <= cfg.heldout_fraction < 1.0:
         raise ValueError(f"--short-seq-prob must be in [0, 1] and --heldout-fraction in [0, 1), got "
                          f"{cfg.short_seq_prob} and {cfg.heldout_fraction}")
@@ -172,7 +178,7 @@ def load_data(cfg: PretrainConfig, tokenizer, dist: Distributed) -> tuple[P.Pret
         shards = PT.prepare_shards(cfg.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, text_column=cfg.text_column,
                                    text_field=cfg.text_field, seq_len=cfg.seq_len, nsp=cfg.nsp,
                                    short_seq_prob=cfg.short_seq_prob, heldout_fraction=cfg.heldout_fraction,
-                                   seed=cfg.seed, dist=dist)
+                                   seed=cfg.seed, segmenter=cfg.segmenter if cfg.whole_word_mask else "none", dist=dist)
         train, heldout = P.PretrainingDataset(shards, "train"), P.PretrainingDataset(shards, "heldout")
     except (P.CorpusError, P.CorpusNotFoundError):
         raise

@@ -48,11 +48,13 @@ def prepare_shards(
     short_seq_prob: float = 0.1,
     heldout_fraction: float = 0.01,
     seed: int = 0,
+    segmenter: str = "none",
     dist: Distributed | None = None,
 ) -> Path:
     """The corpus (files or folders in `data`; None or empty: the built-in corpus) preprocessed into shards
     for `tokenizer` (None: a WordPiece tokenizer of vocab_size trained on the corpus, cached), built once
-    in the cache directory. Under DDP rank 0 builds them; the others wait and then read the cache."""
+    in the cache directory (segmenter "jieba": Chinese words for whole-word masking, minibert.segmentation).
+    Under DDP rank 0 builds them; the others wait and then read the cache."""
     dist = dist or Distributed()
     if data:
         corpus_id = P.corpus_fingerprint(data, text_column=text_column, text_field=text_field)
@@ -61,7 +63,7 @@ def prepare_shards(
         corpus_id = P.BUILTIN_CORPUS_ID
         documents = P.builtin_corpus_documents
     settings = dict(seq_len=seq_len, nsp=nsp, short_seq_prob=short_seq_prob, heldout_fraction=heldout_fraction,
-                    seed=seed, corpus_id=corpus_id)
+                    seed=seed, corpus_id=corpus_id, segmenter=segmenter)
     if tokenizer is None:
         tokenizer = P.load_or_train_tokenizer(documents(), vocab_size, cache_dir() / "tokenizers", corpus_id=corpus_id)
     out = cache_dir() / "pretraining"

@@ -74,6 +74,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from minibert.segmentation import jieba_continuations, segmenter_version
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a trained tokenizer
@@ -690,7 +692,11 @@ def _packed_rows(corpus: _TokenizedCorpus, doc_ids: Sequence[int], budget: int, 
 # The arrays of one split and their dtypes. Fixed-size rows, so example i is row i and a data
 # position is just an index. b_start is the position of segment B's first token
 # (= length when there is no B), from which token_type_ids are rebuilt.
-_ARRAYS = {"input_ids": np.int32, "lengths": np.int32, "b_start": np.int32, "nsp_labels": np.int8}
+# word_continues marks the CJK characters that continue a word of the segmenter's (minibert.segmentation),
+# written only when one is used.
+_ARRAYS = {"input_ids": np.int32, "lengths": np.int32, "b_start": np.int32, "nsp_labels": np.int8,
+           "word_continues": np.int8}
+_ROW_ARRAYS = ("input_ids", "word_continues")  # (N, seq_len); the others are (N,)
 
 
 def _split_documents(corpus: _TokenizedCorpus, heldout_fraction: float, seed: int, min_tokens: int, nsp: bool) -> dict[str, list[int]]:
@@ -728,11 +734,13 @@ def _split_documents(corpus: _TokenizedCorpus, heldout_fraction: float, seed: in
 
 def _write_split(
     corpus: _TokenizedCorpus, doc_ids: list[int], split_dir: Path, *, seq_len: int, nsp: bool, short_seq_prob: float,
-    dupe_factor: int, rng: random.Random, ids: dict[str, int],
+    dupe_factor: int, rng: random.Random, ids: dict[str, int], vocabulary: list[str] | None = None,
 ) -> int:
-    """Stream one split's rows into raw int files (the shape goes into meta.json); return the count."""
+    """Stream one split's rows into raw int files (the shape goes into meta.json); return the count.
+    vocabulary (token strings by id): segment each row's CJK text with jieba into word_continues."""
     split_dir.mkdir()
-    files = {name: open(split_dir / f"{name}.bin", "wb") for name in _ARRAYS if nsp or name != "nsp_labels"}
+    wanted = {name for name in _ARRAYS if (nsp or name != "nsp_labels") and (vocabulary or name != "word_continues")}
+    files = {name: open(split_dir / f"{name}.bin", "wb") for name in _ARRAYS if name in wanted}
     buffer: dict[str, list[np.ndarray]] = {name: [] for name in files}
 
     def flush() -> None:
@@ -749,6 +757,10 @@ def _write_split(
             sequence += [*tokens_b, ids["[SEP]"]]
         row[: len(sequence)] = sequence
         buffer["input_ids"].append(row)
+        if vocabulary:
+            continues = np.zeros(seq_len, dtype=np.int8)
+            continues[: len(sequence)] = jieba_continuations([vocabulary[i] for i in sequence])
+            buffer["word_continues"].append(continues)
         buffer["lengths"].append(np.int32(len(sequence)))
         buffer["b_start"].append(np.int32(b_start))
         if nsp:
@@ -803,6 +815,7 @@ def build_pretraining_shards(
     dupe_factor: int = 1,
     seed: int = 0,
     corpus_id: str | None = None,
+    segmenter: str = "none",
 ) -> Path:
     """Preprocess a corpus once into memory-mapped rows; return the shard directory.
 
@@ -820,12 +833,16 @@ def build_pretraining_shards(
       heldout_fraction  documents held out for evaluation (whole documents; see _split_documents)
       dupe_factor     passes over the corpus, each pairing sentences differently (NSP only)
       seed            seeds the held-out choice and the pairing
+      segmenter       "jieba": segment each row's Chinese text into words for whole-word masking
+                      (minibert.segmentation), once, here; "none": no segmentation
 
     Layout, for split in (train, heldout), N rows:
       split/input_ids.bin  (N, seq_len) int32   [CLS] A [SEP] B [SEP] then [PAD]
       split/lengths.bin    (N,) int32           tokens before the padding
       split/b_start.bin    (N,) int32           position of B's first token (= length without B)
       split/nsp_labels.bin (N,) int8            0 IsNext, 1 random next (only when nsp)
+      split/word_continues.bin (N, seq_len) int8  1 on a CJK character inside a word begun before it
+                                                (only with a segmenter)
       meta.json, tokenizer.json
     """
     if seq_len < 8:
@@ -845,6 +862,8 @@ def build_pretraining_shards(
         seq_len=seq_len, nsp=nsp, short_seq_prob=short_seq_prob if nsp else None, heldout_fraction=heldout_fraction,
         dupe_factor=dupe_factor if nsp else None, seed=seed,
     )
+    if segmenter != "none":  # (without one the key stays what it was before segmenters existed)
+        settings["segmenter"] = segmenter_version(segmenter)
     key_source = json.dumps(
         {"format": SHARD_FORMAT_VERSION, "corpus": corpus_id, "tokenizer": tokenizer.to_str(), "settings": settings},
         sort_keys=True,
@@ -868,6 +887,11 @@ def build_pretraining_shards(
                 "read_documents' result can be read only once: call it again for each use)"
             )
         splits = _split_documents(corpus, heldout_fraction, seed, 4 * seq_len, nsp)
+        vocabulary = None
+        if segmenter != "none":
+            vocabulary = [""] * tokenizer.get_vocab_size(with_added_tokens=True)
+            for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+                vocabulary[index] = token
         meta = {
             "format": SHARD_FORMAT_VERSION, "key": key, "corpus_id": corpus_id, "settings": settings,
             "special_token_ids": ids, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "splits": {},
@@ -877,7 +901,7 @@ def build_pretraining_shards(
             rng = random.Random(f"{seed}-{name}")
             count = _write_split(
                 corpus, doc_ids, tmp / name, seq_len=seq_len, nsp=nsp, short_seq_prob=short_seq_prob,
-                dupe_factor=dupe_factor, rng=rng, ids=ids,
+                dupe_factor=dupe_factor, rng=rng, ids=ids, vocabulary=vocabulary,
             )
             meta["splits"][name] = {
                 "num_examples": count,
@@ -910,8 +934,9 @@ class PretrainingDataset(torch.utils.data.Dataset):
     """One split of build_pretraining_shards' output, memory-mapped (rows are read on access).
 
     ``ds[i]`` is a dict of tensors: input_ids (T,) int64, attention_mask (T,) int64,
-    token_type_ids (T,) int64, next_sentence_label () int64 (only for NSP shards) and
-    index () int64 (= i, which seeds the example's mask). ``ds.batch(indices)`` (also used by a
+    token_type_ids (T,) int64, next_sentence_label () int64 (only for NSP shards),
+    word_continues (T,) bool (only for segmented shards) and index () int64 (= i, which seeds the
+    example's mask). ``ds.batch(indices)`` (also used by a
     DataLoader as ``__getitems__``) returns the same keys stacked: (B, T) and (B,).
     """
 
@@ -926,6 +951,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
         self.split = split
         self.seq_len = self.meta["settings"]["seq_len"]
         self.nsp = self.meta["settings"]["nsp"]
+        self.segmented = "segmenter" in self.meta["settings"]
         self.tokenizer = Tokenizer.from_file(str(self.shard_dir / "tokenizer.json"))
         self.mask_token_id = self.meta["special_token_ids"]["[MASK]"]
         self.vocab_size = self.meta["vocab_size"]
@@ -933,9 +959,9 @@ class PretrainingDataset(torch.utils.data.Dataset):
         n = self.meta["splits"][split]["num_examples"]
         self.arrays = {}
         for name, dtype in _ARRAYS.items():
-            if name == "nsp_labels" and not self.nsp:
+            if (name == "nsp_labels" and not self.nsp) or (name == "word_continues" and not self.segmented):
                 continue
-            shape = (n, self.seq_len) if name == "input_ids" else (n,)
+            shape = (n, self.seq_len) if name in _ROW_ARRAYS else (n,)
             # np.memmap cannot map an empty file, which an empty split (heldout_fraction=0) has.
             path = self.shard_dir / split / f"{name}.bin"
             self.arrays[name] = np.memmap(path, dtype=dtype, mode="r", shape=shape) if n else np.zeros(shape, dtype)
@@ -967,6 +993,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
         }
         if self.nsp:
             out["next_sentence_label"] = torch.from_numpy(self.arrays["nsp_labels"][index].astype(np.int64))
+        if self.segmented:
+            out["word_continues"] = torch.from_numpy(self.arrays["word_continues"][index].astype(bool))
         return out
 
     __getitems__ = batch
@@ -1055,6 +1083,7 @@ def mask_tokens(
     generator: torch.Generator | Sequence[torch.Generator],
     whole_word_mask: bool = False,
     is_continuation: torch.Tensor | None = None,
+    word_continues: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masked-LM corruption. input_ids, attention_mask: (B, T) -> (masked_input_ids, labels),
     both (B, T); labels (int64) hold the original id at chosen positions and -100 elsewhere.
@@ -1067,7 +1096,9 @@ def mask_tokens(
     (``is_continuation``: (vocab_size,) bool, see continuation_mask). Each word is chosen with
     probability mask_prob, so about mask_prob of the tokens are still chosen; 80/10/10 then applies
     per token, as in Google's code. A continuation piece right after a special token (a segment cut
-    mid-word) starts its own word.
+    mid-word) starts its own word. ``word_continues`` (B, T) bool marks more positions that continue a
+    word: CJK characters inside a segmented Chinese word (PretrainingDataset of segmented shards), so
+    that its characters are masked together while each stays a token (Chinese-BERT-wwm).
 
     ``generator``: one torch.Generator for the batch, or a sequence of B generators, one per row
     (see example_generator); then each row's mask depends only on its own generator.
@@ -1081,7 +1112,10 @@ def mask_tokens(
         if is_continuation is None:
             raise ValueError("whole_word_mask needs is_continuation: pass continuation_mask(tokenizer)")
         previous_eligible = torch.cat([torch.zeros(batch, 1, dtype=torch.bool), eligible[:, :-1]], dim=1)
-        word_start = eligible & (~is_continuation[input_ids] | ~previous_eligible)
+        continues = is_continuation[input_ids]
+        if word_continues is not None:
+            continues = continues | word_continues
+        word_start = eligible & (~continues | ~previous_eligible)
         word = torch.cumsum(word_start.long(), dim=1)  # (B, T): 1-based word number of each token
         chosen_words = torch.zeros(batch, length + 1, dtype=torch.bool)
         # Write each word's draw (taken at its first piece) into its slot; non-starts write False to slot 0.
@@ -1144,6 +1178,7 @@ class MaskingCollator:
             generator=generators,
             whole_word_mask=self.whole_word_mask,
             is_continuation=self.is_continuation,
+            word_continues=examples.get("word_continues"),
         )
-        batch = {k: v for k, v in examples.items() if k != "index"}
+        batch = {k: v for k, v in examples.items() if k not in ("index", "word_continues")}
         return {**batch, "input_ids": input_ids, "labels": labels}

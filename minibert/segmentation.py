@@ -49,10 +49,16 @@ def _jieba():
 
 
 def segmenter_version(segmenter: str) -> str:
-    """What the shard cache key records of the segmenter: another jieba may segment differently."""
+    """What the shard cache key records of the segmenter: another jieba may segment differently. Without
+    jieba installed this is no error yet: a corpus without Chinese text never needs it."""
     if segmenter not in SEGMENTERS:
         raise ValueError(f"unknown segmenter {segmenter!r}; choose one of {', '.join(SEGMENTERS)}")
-    return "none" if segmenter == "none" else f"jieba-{_jieba().__version__}"
+    if segmenter == "none":
+        return "none"
+    try:
+        return f"jieba-{_jieba().__version__}"
+    except ImportError:
+        return "jieba-not-installed"
 
 
 def jieba_words(text: str) -> list[tuple[int, int]]:
