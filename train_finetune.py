@@ -12,6 +12,11 @@ r"""Fine-tune a pretrained BERT on labelled text: classification, regression, mu
     # Regression, multi-label, named entities (CoNLL files or JSON Lines with "tokens" and "tags")
     python train_finetune.py --task-type regression --train-file train.tsv --validation-file dev.tsv --label-column score
     python train_finetune.py --task-type token-classification --train-file train.conll --validation-file dev.conll
+    # Named entities as annotation tools export them ({"text", "spans"}, doccano, Label Studio), with a CRF
+    python train_finetune.py --train-file train.jsonl --validation-file dev.jsonl --tag-scheme bioes --crf
+    # Imbalanced classes; multi-label thresholds tuned per label on the validation set
+    python train_finetune.py --train-file train.csv --class-weights balanced --best-metric f1
+    python train_finetune.py --task-type multilabel --train-file train.jsonl --validation-file dev.jsonl --tune-thresholds
     # GLUE, from the GLUE download's folders
     python train_finetune.py --init bert-base-uncased --task mrpc --data-dir glue_data/MRPC
     # Several GPUs: the same command under torchrun
@@ -44,7 +49,12 @@ from minibert import finetuning as F
 from minibert.assets import MINILM_HUB_ID
 from minibert.config import BertConfig
 from minibert.hub import resolve_model_dir
-from minibert.metrics import MAIN_METRIC, compute_metrics
+from minibert.class_weights import class_weights, weighted_loss
+from minibert.crf import CRF_FILE, BertCRFForTokenClassification
+from minibert.metrics import MAIN_METRIC, METRICS, compute_metrics, per_class_scores
+from minibert.spans import entity_spans, span_record
+from minibert.tagging import SCHEMES, CRFWeights, decode_tags, detect_scheme, log_softmax
+from minibert.thresholds import threshold_vector, tune_thresholds
 from minibert.tokenizer import load_tokenizer
 from minibert.training import (
     Distributed,
@@ -66,6 +76,10 @@ from minibert.training import (
 )
 
 logger = logging.getLogger("minibert")
+
+# Saved by fine-tuning in config.json (BertConfig.extra), read by every prediction after it.
+TAG_SCHEME_KEY = "tag_scheme"  # the scheme decoding keeps to: bio, bioes, or null (IOB1 or plain tags)
+THRESHOLDS_KEY = "label_thresholds"  # multilabel: {label: threshold} from --tune-thresholds
 
 
 @dataclass
@@ -91,6 +105,16 @@ class FinetuneConfig:
     max_train_examples: int = 0
     group_by_length: bool = True  # batches of similar lengths: less padding, faster; --no-group-by-length shuffles freely
     max_length: int | None = None  # tokens per example with [CLS]/[SEP]; longer ones are truncated. None: 128, or fewer if the model has fewer positions
+    tag_scheme: str = "bio"  # bio | bioes: the tags span-annotated text ({"text", "spans"}, doccano, Label Studio) gets
+    # --- imbalanced data, tags and thresholds ---
+    # balanced (n_samples / (n_classes * count), scikit-learn's) or FILE.json ({label: weight}): weights the loss per
+    # class; for multilabel, BCE pos_weight per label (balanced: negatives / positives)
+    class_weights: str | None = None
+    tune_thresholds: bool = False  # multilabel: per label, the threshold with the best F1 on the validation set (config.json)
+    crf: bool = False  # token classification: a linear-chain CRF over the tags, trained jointly (crf.safetensors)
+    # Token classification: decode the most probable valid BIO/BIOES tag sequence (Viterbi, no I- tag after O);
+    # --no-constrained-decoding takes each word's most probable tag
+    constrained_decoding: bool = True
     # --- optimisation (BERT's recipe) ---
     epochs: int = 3
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
@@ -116,6 +140,9 @@ class FinetuneConfig:
     # killed run loses at most N steps even when it evaluates once an epoch. HF Trainer's default is 500.
     save_steps: int = 500
     early_stopping: int = 0  # stop after N evaluations without improvement; 0 = never
+    # The validation metric that picks the best checkpoint (and early stopping); None: the task's main one
+    # (accuracy for classification). With imbalanced classes, f1 (of class id 1 when there are two) or mcc says more.
+    best_metric: str | None = None
     precision: str = "auto"  # fp32 | bf16 | fp16; auto = bf16 on a GPU that supports it, fp32 on CPU
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     device: str | None = None  # cuda | cpu; default: the GPU if there is one
@@ -136,12 +163,14 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 # the work is done (and where Python users find it).
 
 
-def load_data(cfg: FinetuneConfig) -> F.TaskData:
+def load_data(cfg: FinetuneConfig, tokenizer) -> F.TaskData:
+    """The task's examples; the tokenizer splits span-annotated text into the words that get tags."""
     return F.load_task_data(
         task=cfg.task, data_dir=cfg.data_dir, train_file=cfg.train_file, validation_file=cfg.validation_file,
         test_file=cfg.test_file, task_type=cfg.task_type, text_column=cfg.text_column,
         text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
-        validation_fraction=cfg.validation_fraction, max_train_examples=cfg.max_train_examples, seed=cfg.seed)
+        validation_fraction=cfg.validation_fraction, max_train_examples=cfg.max_train_examples, seed=cfg.seed,
+        tokenizer=tokenizer, tag_scheme=cfg.tag_scheme)
 
 
 def read_init(cfg: FinetuneConfig) -> tuple[Path, BertConfig]:
@@ -156,18 +185,35 @@ def choose_labels(cfg: FinetuneConfig, task: F.TaskData, init_dir: Path, init_co
                            reinit_head=cfg.reinit_head)
 
 
-def load_task_tokenizer(cfg: FinetuneConfig, task: F.TaskData, init_dir: Path, init_config: BertConfig):
-    tokenizer = load_tokenizer(init_dir)
+def check_task_tokenizer(cfg: FinetuneConfig, task: F.TaskData, tokenizer, init_config: BertConfig):
     text_pairs = any(ex.text_pair is not None for ex in task.train[:1])
     F.check_tokenizer_fits(tokenizer, init_config, cfg.init, text_pairs=text_pairs)
-    return tokenizer
 
 
-def build_model(cfg: FinetuneConfig, task_type: str, vocab, init_dir: Path):
+def build_model(cfg: FinetuneConfig, task: F.TaskData, vocab, init_dir: Path):
     # A resumed run's weights come from its checkpoint: what --init lacks is no news then.
-    return F.build_model(task_type, vocab, init_dir, reinit_head=cfg.reinit_head, attn_impl=cfg.attn_impl,
-                         dropout=cfg.dropout, freeze_embeddings=cfg.freeze_embeddings, freeze_layers=cfg.freeze_layers,
-                         reinit_layers=cfg.reinit_layers, verbose=not cfg.resume)
+    model = F.build_model(task.task_type, vocab, init_dir, reinit_head=cfg.reinit_head, attn_impl=cfg.attn_impl,
+                          dropout=cfg.dropout, freeze_embeddings=cfg.freeze_embeddings, freeze_layers=cfg.freeze_layers,
+                          reinit_layers=cfg.reinit_layers, verbose=not cfg.resume, crf=cfg.crf)
+    model.config.extra.pop(THRESHOLDS_KEY, None)  # an --init's thresholds do not fit the model trained now
+    if task.task_type == "token-classification":
+        scheme = detect_scheme([ex.label for ex in task.train], vocab.labels)
+        model.config.extra[TAG_SCHEME_KEY] = scheme
+        if scheme is None and any(label[:2] in ("B-", "I-") for label in vocab.labels):
+            logger.info("minibert: the training tags break the BIO rules (I- after O: IOB1, as CoNLL-2003's original "
+                        "files): predictions take each word's most probable tag, without sequence constraints")
+    return model
+
+
+def loss_for(cfg: FinetuneConfig, task: F.TaskData, features: F.TaskFeatures, vocab):
+    """--class-weights: the weighted loss (logged), else None (the model's own)."""
+    if not cfg.class_weights:
+        return None
+    labels = vocab.labels if vocab is not None else []  # regression: class_weights says it has no classes
+    weights = class_weights(cfg.class_weights, task.task_type, labels, [f.label for f in features.train])
+    logger.info("minibert: class weights (%s)%s: %s", cfg.class_weights, " as BCE pos_weight" if task.task_type ==
+                "multilabel" else "", ", ".join(f"{label} {w:.4g}" for label, w in zip(labels, weights)))
+    return weighted_loss(task.task_type, torch.tensor(weights, dtype=torch.float32))
 
 
 @dataclass
@@ -183,7 +229,7 @@ class Run:
 
 
 def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeatures, max_length: int,
-              init_dir: Path, dist: Distributed) -> Run:
+              init_dir: Path, dist: Distributed, loss_fn=None) -> Run:
     """The Trainer, the state to start from (a checkpoint's when resuming), and the run's settings, saved."""
     out_dir = Path(cfg.output_dir)
     precision = resolve_precision(cfg.precision, dist.device)
@@ -192,7 +238,7 @@ def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeat
                                 layer_lr_decay=cfg.layer_lr_decay, precision=precision, compile=cfg.compile)
     schedule = F.Schedule.of(cfg)
     total_steps, epochs = schedule.steps([len(f) for f in features.train], dist)
-    trainer = Trainer(model, settings, total_steps, out_dir, dist)
+    trainer = Trainer(model, settings, total_steps, out_dir, dist, loss_fn=loss_fn)
     # The settings as given (what --resume compares and restores), then what they resolved to.
     run_config = {**dataclasses.asdict(cfg), "resolved": {
         "precision": precision, "task_type": task.task_type, "task_name": task.name, "max_length": max_length,
@@ -207,16 +253,18 @@ def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeat
                     task.name, task.task_type, len(features.train), len(features.validation),
                     len(features.test) if features.test else 0, total_steps, cfg.batch_size, cfg.grad_accum,
                     dist.world_size)
-    return Run(trainer, state, schedule, epochs, run_config, task.main_metric or MAIN_METRIC[task.task_type])
+    return Run(trainer, state, schedule, epochs, run_config, cfg.best_metric or task.main_metric or MAIN_METRIC[task.task_type])
 
 
 def train(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatures, vocab, tokenizer,
           stop_after_steps: int | None = None) -> dict:
     trainer, pad_id = run.trainer, tokenizer.token_to_id("[PAD]")
 
-    def validate(model) -> dict[str, float]:
+    def validate(model) -> dict:
+        decoding = Decoding.of(model, task.task_type, vocab, cfg.constrained_decoding)
         outputs = predict(model, features.validation, cfg.eval_batch_size, pad_id, trainer.device, trainer.autocast)
-        return score(task, outputs, features.validation, vocab)
+        return {**score(task, outputs, features.validation, vocab, decoding),
+                "per_class": per_class(task, outputs, features.validation, vocab, decoding)}
 
     return F.train(trainer, run.state, features.train, run.schedule, epochs=run.epochs, pad_token_id=pad_id,
                    validate=validate, main_metric=run.main_metric, tokenizer=tokenizer, run_config=run.run_config,
@@ -236,21 +284,26 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
             model.save_pretrained(out_dir, tokenizer=tokenizer)
         best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
         results["eval"] = json.loads((out_dir / "eval_results.json").read_text()) if (out_dir / "eval_results.json").exists() else None
+        pad_id = tokenizer.token_to_id("[PAD]")
+        if cfg.tune_thresholds:
+            results["eval"] = keep_tuned_thresholds(best, task, features.validation, vocab, results["eval"], out_dir, tokenizer,
+                                                    lambda m, f: predict(m, f, cfg.eval_batch_size, pad_id, dist.device,
+                                                                         trainer.autocast))
+        decoding = Decoding.of(best, task.task_type, vocab, cfg.constrained_decoding)
         if features.test:
-            pad_id = tokenizer.token_to_id("[PAD]")
             outputs = predict(best, features.test, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)
-            records = prediction_records(task, task.test, outputs, features.test, vocab)
+            records = prediction_records(task, task.test, outputs, features.test, vocab, decoding)
             lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # UTF-8: texts stay readable
             atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
             if features.test[0].label is not None:
-                results["test"] = score(task, outputs, features.test, vocab)
+                results["test"] = score(task, outputs, features.test, vocab, decoding)
+                logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
+                results["test"]["per_class"] = per_class(task, outputs, features.test, vocab, decoding)
                 F.write_json(out_dir / "test_results.json", results["test"])
         plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", (run.main_metric,))
         trainer.remove_checkpoints()
         logger.info("minibert: best %s %.4f (step %s); model in %s", run.main_metric,
                     float("nan") if state.best_metric is None else state.best_metric, state.best_step, out_dir)
-        if results["test"]:
-            logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
     dist.barrier()
     return results
 
@@ -278,37 +331,94 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def score(task: F.TaskData, outputs, features, vocab) -> dict[str, float]:
-    id2label = dict(enumerate(vocab.labels)) if vocab is not None else None
+@dataclass
+class Decoding:
+    """How a model's outputs become predictions, from its config.json and head."""
+
+    scheme: str | None = None  # token classification: the tag scheme whose rules decoding keeps; None: argmax
+    crf: CRFWeights | None = None  # the CRF's transition scores (--crf models)
+    thresholds: np.ndarray | None = None  # multilabel: (L,) per-label thresholds (0.5 unless tuned)
+
+    @classmethod
+    def of(cls, model, task_type: str, vocab, constrained: bool) -> Decoding:
+        extra = model.config.extra
+        return cls(
+            scheme=extra.get(TAG_SCHEME_KEY) if constrained and task_type == "token-classification" else None,
+            crf=model.crf_weights() if isinstance(model, BertCRFForTokenClassification) else None,
+            thresholds=threshold_vector(extra.get(THRESHOLDS_KEY), vocab.labels) if task_type == "multilabel" else None,
+        )
+
+
+def word_tag_ids(output: np.ndarray, feature, vocab, decoding: Decoding) -> np.ndarray:
+    """The tag id of each word with a first piece, in word order: (T, L) logits -> (W,)."""
+    logits = output[feature.word_ids >= 0]
+    scores = logits if decoding.crf is not None else log_softmax(logits)  # a CRF scores logits, not log-probs
+    return np.array(decode_tags(scores, vocab.labels, decoding.scheme, decoding.crf), dtype=np.int64)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def _predictions(task: F.TaskData, outputs, features, vocab, decoding: Decoding):
+    """(predictions, references) as minibert.metrics takes them."""
     if task.task_type == "classification":
-        preds, refs = np.stack(outputs), np.array([f.label for f in features])
-    elif task.task_type == "regression":
-        preds, refs = np.stack(outputs)[:, 0], np.array([f.label for f in features])
-    elif task.task_type == "multilabel":
-        preds, refs = 1 / (1 + np.exp(-np.stack(outputs))), np.stack([f.label for f in features])
-    else:
-        preds = [o.argmax(-1)[f.label != D.IGNORE_INDEX] for o, f in zip(outputs, features)]
-        refs = [f.label[f.label != D.IGNORE_INDEX] for f in features]
+        return np.stack(outputs), np.array([f.label for f in features])
+    if task.task_type == "regression":
+        return np.stack(outputs)[:, 0], np.array([f.label for f in features])
+    if task.task_type == "multilabel":
+        decisions = (_sigmoid(np.stack(outputs)) >= decoding.thresholds).astype(np.int64)
+        return decisions, np.stack([f.label for f in features])
+    preds = [word_tag_ids(o, f, vocab, decoding) for o, f in zip(outputs, features)]
+    return preds, [f.label[f.word_ids >= 0] for f in features]
+
+
+def score(task: F.TaskData, outputs, features, vocab, decoding: Decoding) -> dict[str, float]:
+    id2label = dict(enumerate(vocab.labels)) if vocab is not None else None
+    preds, refs = _predictions(task, outputs, features, vocab, decoding)
     return compute_metrics(task.task_type, preds, refs, id2label=id2label, metric_names=task.metric_names)
 
 
-def prediction_records(task: F.TaskData, examples, outputs, features, vocab) -> list[dict]:
+def per_class(task: F.TaskData, outputs, features, vocab, decoding: Decoding) -> dict | None:
+    """Precision, recall, F1 and support of each class, label or entity type; None for regression."""
+    if task.task_type == "regression":
+        return None
+    preds, refs = _predictions(task, outputs, features, vocab, decoding)
+    return per_class_scores(task.task_type, preds, refs, id2label=dict(enumerate(vocab.labels)))
+
+
+def _token_record(ex, out: np.ndarray, feat, vocab, decoding: Decoding) -> dict:
+    """Tags per word ({"tokens", "tags"}), or for span-annotated input the entities as spans in its own format."""
+    first = feat.word_ids >= 0
+    ids = word_tag_ids(out, feat, vocab, decoding)
+    chosen = _softmax(out[first])[np.arange(len(ids)), ids]  # the probability of each word's tag
+    words = feat.word_ids[first]
+    tags = {int(w): vocab.labels[int(t)] for w, t in zip(words, ids)}
+    word_tags = [tags.get(i) for i in range(len(ex.text))]  # None: cut by --max-length
+    if ex.tagged_text is None:
+        return {"tokens": ex.text, "tags": word_tags, **({"gold": ex.label} if ex.label is not None else {})}
+    probability = dict(zip(words.tolist(), chosen.tolist()))
+    entities = [(span, float(np.mean([probability[w] for w in range(a, b + 1)])))
+                for span, a, b in entity_spans(word_tags, ex.tagged_text.offsets)]
+    return span_record(ex.tagged_text.record, ex.tagged_text.fmt, ex.tagged_text.text, entities)
+
+
+def prediction_records(task: F.TaskData, examples, outputs, features, vocab, decoding: Decoding) -> list[dict]:
     records = []
     for ex, out, feat in zip(examples, outputs, features):
+        if task.task_type == "token-classification":
+            records.append(_token_record(ex, out, feat, vocab, decoding))
+            continue
         record = {"text": ex.text} if ex.text_pair is None else {"text": ex.text, "text_pair": ex.text_pair}
         if task.task_type == "classification":
             probs = _softmax(out)
             record.update(label=vocab.labels[int(probs.argmax())], probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
         elif task.task_type == "regression":
             record["prediction"] = float(out[0])
-        elif task.task_type == "multilabel":
-            probs = 1 / (1 + np.exp(-out))
-            record.update(labels=[l for l, p in zip(vocab.labels, probs) if p >= 0.5],
-                          probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
         else:
-            first = feat.word_ids >= 0
-            tags = {int(w): vocab.labels[int(t)] for w, t in zip(feat.word_ids[first], out[first].argmax(-1))}
-            record = {"tokens": ex.text, "tags": [tags.get(i) for i in range(len(ex.text))]}  # None: cut by --max-length
+            probs = _sigmoid(out)
+            record.update(labels=[l for l, p, t in zip(vocab.labels, probs, decoding.thresholds) if p >= t],
+                          probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
         if ex.label is not None:
             record["gold"] = ex.label
         records.append(record)
@@ -319,6 +429,9 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     """--predict-only: a fine-tuned model (--init) labels --test-file; nothing is trained."""
     if not cfg.test_file:
         raise D.DataError("--predict-only needs --test-file, the examples to label")
+    if cfg.tune_thresholds:
+        raise ValueError("--tune-thresholds picks thresholds on a validation set, and --predict-only has none: tune "
+                         "them while fine-tuning (the model keeps them in its config.json)")
     init_dir = resolve_model_dir(cfg.init)
     config = BertConfig.from_json_file(init_dir / "config.json")
     kind = F.classifier_kind(config, init_dir)
@@ -333,10 +446,13 @@ def predict_only(cfg: FinetuneConfig) -> dict:
                           "fine-tune it first (drop --predict-only)")
     vocab = None if task_type == "regression" else D.LabelVocab(F.checkpoint_labels(config))
     max_length = F.max_length_for(config, cfg.max_length, cfg.init)
-    columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
-    examples = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
     tokenizer = load_tokenizer(init_dir)
     F.check_tokenizer_fits(tokenizer, config, cfg.init, text_pairs=bool(cfg.text_pair_column))
+    # Gold spans of a labelled test file are tagged as the model was trained (a CoNLL-trained model: --tag-scheme).
+    scheme = config.extra.get(TAG_SCHEME_KEY) if config.extra.get(TAG_SCHEME_KEY) in SCHEMES else cfg.tag_scheme
+    columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
+                   tokenizer=tokenizer, tag_scheme=scheme)
+    examples = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
     pad_id = tokenizer.token_to_id("[PAD]")
     features = D.encode_examples(tokenizer, examples, max_length=max_length, task_type=task_type, label_vocab=vocab,
                                  source="the test data")
@@ -344,22 +460,64 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     check_attention_backend(cfg.attn_impl, device)
     precision = resolve_precision(cfg.precision, device)
     overrides = {"attn_impl": cfg.attn_impl} if cfg.attn_impl else {}
-    model = F.model_class(task_type).from_pretrained(str(init_dir), verbose=False, **overrides)
+    crf = task_type == "token-classification" and (init_dir / CRF_FILE).is_file()
+    model = F.model_class(task_type, crf=crf).from_pretrained(str(init_dir), verbose=False, **overrides)
+    decoding = Decoding.of(model, task_type, vocab, cfg.constrained_decoding)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     autocast = lambda: torch.autocast(device.type, dtype=dtypes[precision]) if precision in dtypes else contextlib.nullcontext()  # noqa: E731
     outputs = predict(model.to(device), features, cfg.eval_batch_size, pad_id, device, autocast)
     task = F.TaskData(task_type, [], [], examples, Path(cfg.test_file).stem)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_records(task, examples, outputs, features, vocab))
+    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_records(task, examples, outputs, features, vocab,
+                                                                                  decoding))
     atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
     logger.info("minibert: %s predictions of %s in %s", len(examples), cfg.init, out_dir / "predictions.jsonl")
     results = {"eval": None, "test": None, "output_dir": str(out_dir)}
     if features and features[0].label is not None:
-        results["test"] = score(task, outputs, features, vocab)
-        F.write_json(out_dir / "test_results.json", results["test"])
+        results["test"] = score(task, outputs, features, vocab, decoding)
         logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
+        results["test"]["per_class"] = per_class(task, outputs, features, vocab, decoding)
+        F.write_json(out_dir / "test_results.json", results["test"])
     return results
+
+
+def check_task_settings(cfg: FinetuneConfig, task: F.TaskData) -> None:
+    """Settings that only some task types have: one line each, before anything is trained."""
+    task_type = task.task_type
+    allowed = task.metric_names or METRICS[task_type]
+    if cfg.best_metric is not None and cfg.best_metric not in allowed:
+        raise ValueError(f"--best-metric {cfg.best_metric}: a {task_type} task reports {', '.join(allowed)}; choose one")
+    if cfg.crf and task_type != "token-classification":
+        raise ValueError(f"--crf tags words in sequence: it needs --task-type token-classification, and this is {task_type}")
+    if cfg.tune_thresholds and task_type != "multilabel":
+        raise ValueError(f"--tune-thresholds sets a threshold per label of a multilabel task; a {task_type} task takes "
+                         "the most probable class: drop it")
+    if cfg.class_weights and cfg.crf:
+        raise ValueError("--class-weights and --crf: the CRF's loss is over whole tag sequences, not per tag: drop one")
+
+
+def keep_tuned_thresholds(model, task: F.TaskData, val_features, vocab, eval_results: dict, out_dir: Path, tokenizer,
+                          predict_fn) -> dict:
+    """--tune-thresholds: each label's F1-best threshold on the validation set, saved in config.json (as
+    label_thresholds) and in eval_results.json, with the validation scores at them (tuned on that data, so
+    an optimistic estimate: the test set tells the truth)."""
+    outputs = predict_fn(model, val_features)
+    thresholds, untuned = tune_thresholds(_sigmoid(np.stack(outputs)), np.stack([f.label for f in val_features]), vocab.labels)
+    if untuned:
+        logger.warning("minibert: the validation set has no example of %s: %s keep the threshold 0.5",
+                       ", ".join(untuned), "it" if len(untuned) == 1 else "they")
+    model.config.extra[THRESHOLDS_KEY] = thresholds
+    model.save_pretrained(out_dir, tokenizer=tokenizer)
+    decoding = Decoding.of(model, task.task_type, vocab, constrained=True)
+    tuned = score(task, outputs, val_features, vocab, decoding)
+    logger.info("minibert: label thresholds %s; validation at them: %s",
+                ", ".join(f"{label} {t:.3f}" for label, t in thresholds.items()),
+                ", ".join(f"{k} {v:.4f}" for k, v in tuned.items()))
+    eval_results = {**(eval_results or {}), THRESHOLDS_KEY: thresholds, "at_tuned_thresholds": {
+        **tuned, "per_class": per_class(task, outputs, val_features, vocab, decoding)}}
+    F.write_json(out_dir / "eval_results.json", eval_results)
+    return eval_results
 
 
 # What a finished run leaves in --output-dir besides the model: a new run there removes them first.
@@ -386,14 +544,18 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     check_attention_backend(cfg.attn_impl, dist.device)
     seed_everything(cfg.seed)
 
-    task = load_data(cfg)
+    if cfg.tag_scheme not in SCHEMES:
+        raise ValueError(f"--tag-scheme {cfg.tag_scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
     init_dir, init_config = read_init(cfg)
+    tokenizer = load_tokenizer(init_dir)  # before the data: span-annotated text is split into its words
+    task = load_data(cfg, tokenizer)
+    check_task_settings(cfg, task)
     max_length = F.max_length_for(init_config, cfg.max_length, cfg.init)
     vocab = choose_labels(cfg, task, init_dir, init_config)
-    tokenizer = load_task_tokenizer(cfg, task, init_dir, init_config)
+    check_task_tokenizer(cfg, task, tokenizer, init_config)
     features = F.encode_task(tokenizer, task, vocab, max_length)
-    model = build_model(cfg, task.task_type, vocab, init_dir)
-    run = start_run(cfg, model, task, features, max_length, init_dir, dist)
+    model = build_model(cfg, task, vocab, init_dir)
+    run = start_run(cfg, model, task, features, max_length, init_dir, dist, loss_fn=loss_for(cfg, task, features, vocab))
     train_stats = train(cfg, run, task, features, vocab, tokenizer, stop_after_steps=_stop_after_steps)
     if "stopped_at" in train_stats:
         return train_stats

@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import time
+from types import SimpleNamespace
 from pathlib import Path
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def minibert_initial_classifier(cfg: train_finetune.FinetuneConfig, vocab) -> di
     """The classifier head train_finetune.py starts from with cfg.seed: it builds the model right after
     seeding, so building it the same way draws the same weights."""
     train_finetune.seed_everything(cfg.seed)
-    model = train_finetune.build_model(cfg, "classification", vocab, minilm_dir())
+    model = train_finetune.build_model(cfg, SimpleNamespace(task_type="classification", train=[]), vocab, minilm_dir())
     return {"weight": model.classifier.weight.detach().clone(), "bias": model.classifier.bias.detach().clone()}
 
 

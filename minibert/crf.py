@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torchcrf import CRF
 
-from minibert.checkpoint import resolve_model_dir
 from minibert.config import BertConfig
+from minibert.hub import resolve_model_dir
 from minibert.model import BertForTokenClassification, ClassifierOutput
 from minibert.tagging import CRFWeights
 

@@ -20,7 +20,10 @@ File formats, told by the extension:
     .jsonl / .json       JSON Lines, one object per line; a .json file may instead hold one array of objects,
                          or one object whose only value is that array ({"data": [...]}).
     token-classification: .jsonl / .json objects with a list of words and a list of tags ("tokens",
-                         "tags" by default); any other extension (.conll, .txt, .iob, .tsv ...) is read as
+                         "tags" by default), or raw text with entity spans as character offsets
+                         ({"text", "spans": [{"start", "end", "label"}]}, doccano's and Label Studio's
+                         exports: minibert.spans), which the tokenizer splits into words, tagged in
+                         --tag-scheme; any other extension (.conll, .txt, .iob, .tsv ...) is read as
                          CoNLL: one word per line with its tag in the last column, a blank line between
                          sentences, `-DOCSTART-` lines skipped.
     multilabel:          a JSON list of labels, or in CSV/TSV the labels joined by "|" ("action|comedy";
@@ -49,7 +52,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from minibert import assets
+from minibert import assets, spans
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +80,14 @@ class Example:
     text_pair: the second text of a pair task (NLI, paraphrase), else None
     label:     a class name (str); a float (regression); a list of class names (multilabel); a list of
                tags, one per word (token classification); None in an unlabelled (test) file
+    tagged_text: token classification of span-annotated text: the text, its words' character offsets
+               and the record as read (minibert.spans.TaggedText), so that predictions go back as spans
     """
 
     text: str | list[str]
     text_pair: str | None = None
     label: str | float | list[str] | None = None
+    tagged_text: spans.TaggedText | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,6 +295,8 @@ def load_examples(
     require_labels: bool = True,
     column_names: Sequence[str] | None = None,
     flag: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    tag_scheme: str = "bio",
 ) -> list[Example]:
     """Read a .csv, .tsv, .jsonl/.json or CoNLL file into Examples (formats: the module docstring).
 
@@ -297,6 +305,7 @@ def load_examples(
     the label column, or with an empty label, an example gets label None; some examples with a label
     and some without are an error. column_names names the columns of a CSV/TSV file that has no header
     row. flag is the command-line option that gave `path`, named in the error when the file does not exist.
+    Span-annotated text (token classification) needs the tokenizer, whose words get the tags, in tag_scheme.
     """
     _check_task_type(task_type)
     path = Path(path)
@@ -309,7 +318,17 @@ def load_examples(
         "label_column": label_column or ("tags" if token_task else "label"),
     }
     suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
+    if suffix in JSON_SUFFIXES and token_task and _holds_spans(path, columns["text_column"]):
+        if tokenizer is None:
+            raise ValueError("span-annotated text is split into words by the tokenizer: pass tokenizer=")
+        records = list(_json_records(path))
+        tagged = spans.tag_records(records, tokenizer, tag_scheme, str(path))
+        numbered = [(where, Example(t.words, None, t.tags, t)) for (where, _), t in zip(records, tagged)]
+        if require_labels:
+            unlabelled = next((where for where, example in numbered if example.label is None), None)
+            if unlabelled:
+                raise DataError(f"{path} {unlabelled} has no spans: give every text its spans ([] when it has no entity)")
+    elif suffix in JSON_SUFFIXES:
         numbered = _json_examples(path, task_type, columns, require_labels)
     elif token_task:
         numbered = list(_conll_sentences(path, require_labels))
@@ -336,6 +355,13 @@ def load_examples(
         logger.warning("minibert: %s: %d example(s) with an empty text (the first at %s); they are kept",
                        path, len(empty), empty[0])
     return [example for _, example in numbered]
+
+
+def _holds_spans(path: Path, text_column: str) -> bool:
+    """Whether a token-classification JSON file holds raw text with spans rather than word lists: its
+    first record has no list of words under text_column but is in one of minibert.spans.FORMATS."""
+    first = next(_json_records(path), (None, None))[1]
+    return first is not None and not isinstance(first.get(text_column), list) and spans.record_format(first) is not None
 
 
 def _table_examples(path, task_type, columns, require_labels, column_names) -> list[tuple[str, Example]]:
@@ -454,6 +480,8 @@ def _json_task_type(path: Path, text_column: str | None, label_column: str) -> t
     words = first.get(text_column)
     if isinstance(words, list) and all(isinstance(word, str) for word in words):
         return "token-classification", f"the {text_column!r} field holds word lists"
+    if spans.has_span_annotations(first):
+        return "token-classification", "the records hold text with entity spans"
     labels = []
     for record in chain([first], records):
         label = record.get(label_column)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from minibert import data as D
 from minibert.checkpoint import weight_names
 from minibert.config import BertConfig
+from minibert.crf import BertCRFForTokenClassification
 from minibert.metrics import greater_is_better
 from minibert.model import BertForSequenceClassification, BertForTokenClassification, PreTrainedBert
 from minibert.training import Distributed, Throughput, Trainer, TrainState, atomic_write_text
@@ -85,10 +86,13 @@ def load_task_data(
     validation_fraction: float = 0.1,
     max_train_examples: int = 0,
     seed: int = 42,
+    tokenizer=None,
+    tag_scheme: str = "bio",
 ) -> TaskData:
     """The examples to train, validate and test on: a GLUE task (task + data_dir), files (train_file, and
     validation_file or else a validation_fraction of it held out), or nothing for the built-in
-    movie-review task. max_train_examples > 0 keeps a random subset (chosen by seed) of the training data."""
+    movie-review task. max_train_examples > 0 keeps a random subset (chosen by seed) of the training data.
+    Span-annotated text (token classification) is split into words by the tokenizer and tagged in tag_scheme."""
     files = train_file or validation_file or test_file
     if task and files:
         raise D.DataError("give either --task (GLUE) or --train-file/--validation-file, not both")
@@ -105,7 +109,8 @@ def load_task_data(
         if task_type is None:
             task_type, reason = D.infer_task_type(train_file, text_column=text_column, label_column=label_column)
             logger.info("minibert: treating the data as %s: %s (--task-type chooses)", task_type, reason)
-        columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
+        columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+                       tokenizer=tokenizer, tag_scheme=tag_scheme)
         train = D.load_examples(train_file, task_type=task_type, flag="--train-file", **columns)
         if validation_file:
             validation = D.load_examples(validation_file, task_type=task_type, flag="--validation-file", **columns)
@@ -162,7 +167,12 @@ PROBLEM_TYPES = {"classification": "single_label_classification", "multilabel": 
                  "regression": "regression", "token-classification": None}
 
 
-def model_class(task_type: str) -> type[PreTrainedBert]:
+def model_class(task_type: str, crf: bool = False) -> type[PreTrainedBert]:
+    """The model of a task type; crf: token classification with a linear-chain CRF (minibert.crf)."""
+    if crf:
+        if task_type != "token-classification":
+            raise ValueError(f"--crf tags words in sequence: it needs --task-type token-classification, and this is {task_type}")
+        return BertCRFForTokenClassification
     return MODEL_CLASSES.get(task_type, BertForSequenceClassification)
 
 
@@ -248,6 +258,7 @@ def build_model(
     freeze_layers: int = 0,
     reinit_layers: int = 0,
     verbose: bool = True,
+    crf: bool = False,
 ) -> PreTrainedBert:
     """The task's model from --init, with a head for vocab's labels (one output for regression), then the
     bottom layers frozen and the top ones re-initialised as asked. verbose=False: say nothing of new weights."""
@@ -260,7 +271,7 @@ def build_model(
         overrides["attn_impl"] = attn_impl
     if dropout is not None:
         overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    model = model_class(task_type).from_pretrained(str(init_dir), reinit_head=reinit_head, verbose=verbose, **overrides)
+    model = model_class(task_type, crf=crf).from_pretrained(str(init_dir), reinit_head=reinit_head, verbose=verbose, **overrides)
     layers = model.bert.layers
     if freeze_embeddings:
         model.bert.embeddings.requires_grad_(False)
@@ -347,13 +358,15 @@ def train(
     def evaluate_and_keep_best() -> bool:
         """Score the validation set, save the model if it is the best so far; True to stop early."""
         if dist.is_main:
-            metrics = validate(model)
+            scores = validate(model)  # may hold a per_class block, written to eval_results.json only
+            metrics = {k: v for k, v in scores.items() if k != "per_class"}
             trainer.log_metrics({"split": "eval", "step": state.step, "epoch": state.epoch, **metrics})
             value = metrics[main_metric]
             if state.best_metric is None or (value > state.best_metric if better else value < state.best_metric):
                 state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
                 model.save_pretrained(out_dir, tokenizer=tokenizer)
-                write_json(out_dir / "eval_results.json", {**metrics, "step": state.step, "epoch": state.epoch})
+                write_json(out_dir / "eval_results.json", {**metrics, "step": state.step, "epoch": state.epoch,
+                                                           **({"per_class": scores["per_class"]} if "per_class" in scores else {})})
             else:
                 state.evals_without_improvement += 1
             tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

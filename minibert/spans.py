@@ -60,6 +60,17 @@ def record_format(record: dict) -> str | None:
     return "minibert"  # text alone: unlabelled
 
 
+def has_span_annotations(record: dict) -> bool:
+    """Whether a JSON object surely is span-annotated NER data (for telling the task type of a file): a
+    Label Studio task, "spans", doccano's "entities", or doccano [start, end, label] triples."""
+    fmt = record_format(record)
+    if fmt == "label-studio" or (fmt == "minibert" and "spans" in record):
+        return True
+    triples = record.get("label", record.get("labels"))
+    return fmt == "doccano" and ("entities" in record or (
+        bool(triples) and all(isinstance(t, list) and len(t) == 3 and isinstance(t[0], int) for t in triples)))
+
+
 def _utf16_to_index(text: str, units: int) -> int | None:
     """The code point index at a UTF-16 offset (what a browser counts), None inside a surrogate pair."""
     position = 0
@@ -279,8 +290,9 @@ def entity_spans(tags: Sequence[str | None], offsets: Sequence[tuple[int, int]])
 
 def span_record(record: dict, fmt: str, text: str, spans: Iterable[tuple[Span, float]]) -> dict:
     """The input object with predicted (span, score) pairs written in its own format, for predictions.jsonl:
-    minibert's "spans" (with each span's text and score), doccano's triples under the key the input used,
-    or a Label Studio task with "predictions" (its annotations kept)."""
+    minibert's "spans" (with each span's text and score) or doccano's triples or entities, under the key
+    the input used, its own annotations moved to "gold"; or a Label Studio task with "predictions" (its
+    annotations kept where they are)."""
     spans = list(spans)
     if fmt == "label-studio":
         result = [{"from_name": "label", "to_name": "text", "type": "labels", "score": round(score, 6),
@@ -294,10 +306,14 @@ def span_record(record: dict, fmt: str, text: str, spans: Iterable[tuple[Span, f
                     break
         return {**record, "predictions": [{"model_version": "minibert", "result": result}]}
     if fmt == "doccano":
-        if "entities" in record:
-            return {**record, "entities": [{"id": i, "start_offset": s.start, "end_offset": s.end, "label": s.label}
-                                           for i, (s, _) in enumerate(spans)]}
-        key = "labels" if "labels" in record and "label" not in record else "label"
-        return {**record, key: [[s.start, s.end, s.label] for s, _ in spans]}
-    return {**record, "text": text, "spans": [{"start": s.start, "end": s.end, "label": s.label,
-                                              "text": text[s.start : s.end], "score": round(score, 6)} for s, score in spans]}
+        key = "entities" if "entities" in record else "labels" if "labels" in record and "label" not in record else "label"
+        if key == "entities":
+            predicted = [{"id": i, "start_offset": s.start, "end_offset": s.end, "label": s.label} for i, (s, _) in enumerate(spans)]
+        else:
+            predicted = [[s.start, s.end, s.label] for s, _ in spans]
+    else:
+        key = "spans"
+        predicted = [{"start": s.start, "end": s.end, "label": s.label, "text": text[s.start : s.end], "score": round(score, 6)}
+                     for s, score in spans]
+    gold = {"gold": record[key]} if key in record else {}  # the annotations the predictions replace
+    return {**record, key: predicted, **gold}

@@ -55,8 +55,9 @@ def test_csv_classification_end_to_end(tiny_init_dir, tmp_path):
     results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", dev, "--test-file", test,
                   "--epochs", 2)
     out = tmp_path / "out"
-    assert set(results["eval"]) >= {"accuracy", "f1", "mcc"} and set(results["test"]) == {"accuracy", "f1", "mcc"}
+    assert set(results["eval"]) >= {"accuracy", "f1", "mcc"} and set(results["test"]) == {"accuracy", "f1", "mcc", "per_class"}
     assert json.loads((out / "test_results.json").read_text()) == results["test"]
+    assert set(results["test"]["per_class"]) == {"neg", "pos"}
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 6 and predictions[0]["text"] == POSITIVE[0]
     assert predictions[0]["label"] in ("neg", "pos")
@@ -139,7 +140,7 @@ def test_glue_task_directory(tiny_init_dir, tmp_path):
     for name in ("train.tsv", "dev.tsv"):
         (glue / name).write_text("index\tsentence1\tsentence2\tlabel\n" + rows)
     results = run(tiny_init_dir, tmp_path, "--task", "rte", "--data-dir", tmp_path / "glue_data", "--max-steps", 2)
-    assert set(results["eval"]) == {"accuracy", "step", "epoch"}
+    assert set(results["eval"]) == {"accuracy", "step", "epoch", "per_class"}
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
 
@@ -379,7 +380,9 @@ def test_predict_only_gives_the_runs_own_test_predictions(tiny_init_dir, tmp_pat
         expected = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
         assert [p["probabilities"] for p in predictions] == [p["probabilities"] for p in expected]
     assert results["test"] is None and not (tmp_path / "unlabelled" / "test_results.json").exists()
-    assert json.loads((tmp_path / "labelled" / "test_results.json").read_text()) == pytest.approx(trained["test"])
+    scores = json.loads((tmp_path / "labelled" / "test_results.json").read_text())
+    assert scores.pop("per_class") == trained["test"].pop("per_class")
+    assert scores == pytest.approx(trained["test"])
     with pytest.raises(DataError, match="has no classifier head: fine-tune it first"):
         train_finetune.main(["--init", str(tiny_init_dir), "--predict-only", "--test-file", str(test)])
 

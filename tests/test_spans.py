@@ -161,12 +161,13 @@ def test_predictions_are_written_in_the_format_they_came_in():
     text = "Barack Obama visited Paris."
     predicted = [(Span(0, 12, "PER"), 0.91), (Span(21, 26, "LOC"), 0.5)]
     out = span_record({"text": text, "spans": [], "id": 4}, "minibert", text, predicted)
-    assert out == {"text": text, "id": 4, "spans": [
+    assert out == {"text": text, "id": 4, "gold": [], "spans": [
         {"start": 0, "end": 12, "label": "PER", "text": "Barack Obama", "score": 0.91},
         {"start": 21, "end": 26, "label": "LOC", "text": "Paris", "score": 0.5}]}
     assert read_record(out, "minibert", "x")[1] == [s for s, _ in predicted]  # readable back in
-    out = span_record({"text": text, "label": []}, "doccano", text, predicted)
-    assert out["label"] == [[0, 12, "PER"], [21, 26, "LOC"]]
+    out = span_record({"text": text, "label": [[0, 6, "PER"]]}, "doccano", text, predicted)
+    assert out["label"] == [[0, 12, "PER"], [21, 26, "LOC"]] and out["gold"] == [[0, 6, "PER"]]
+    assert "gold" not in span_record({"text": text}, "minibert", text, predicted)
     out = span_record({"text": text, "entities": []}, "doccano", text, predicted)
     assert read_record(out, "doccano", "x")[1] == [s for s, _ in predicted]
     task = {"id": 1, "data": {"text": text}, "annotations": [{"result": [
