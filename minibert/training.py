@@ -40,6 +40,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from minibert.embedding_grad import keep_embedding_gradients
+
 # ----------------------------------------------------------------------------- command lines
 
 
@@ -263,6 +265,8 @@ class Trainer:
         if settings.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on the CPU")
         self.model = model.to(self.device)  # the bare model: saved, evaluated
+        if self.device.type == "cpu" and not self.dist.enabled and not settings.compile:
+            keep_embedding_gradients(self.model)  # no new 47-94 MB word-embedding gradient each step
         self.optimizer = build_optimizer(self.model, settings)
         self.scheduler = linear_schedule(self.optimizer, round(settings.warmup_ratio * total_steps), total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
