@@ -43,6 +43,7 @@ import sys
 import time
 from types import SimpleNamespace
 from pathlib import Path
+
 import numpy as np
 import torch
 import transformers

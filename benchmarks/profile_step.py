@@ -73,9 +73,8 @@ def train_step(trainer: Trainer, batch: dict) -> None:
     """Trainer.step's work, cut into the three phases the profile reports."""
     model = trainer.train_model
     model.train()
-    with record_function("forward"):
-        with trainer.autocast():
-            loss = model(**batch).loss
+    with record_function("forward"), trainer.autocast():
+        loss = model(**batch).loss
     with record_function("backward"):
         loss.backward()
     with record_function("optimizer"):

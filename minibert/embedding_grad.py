@@ -29,7 +29,7 @@ class _Lookup(torch.autograd.Function):
     """F.embedding whose backward adds into the owner's weight.grad and returns no gradient for the weight."""
 
     @staticmethod
-    def forward(ctx, ids: Tensor, weight: Tensor, owner: "PersistentGradEmbedding") -> Tensor:
+    def forward(ctx, ids: Tensor, weight: Tensor, owner: PersistentGradEmbedding) -> Tensor:
         ctx.save_for_backward(ids)
         ctx.owner = owner
         return F.embedding(ids, weight, owner.padding_idx)
@@ -45,7 +45,7 @@ class PersistentGradEmbedding(nn.Embedding):
     """nn.Embedding with a gradient buffer kept across steps (see the module docstring)."""
 
     @classmethod
-    def replacing(cls, embedding: nn.Embedding) -> "PersistentGradEmbedding":
+    def replacing(cls, embedding: nn.Embedding) -> PersistentGradEmbedding:
         """A PersistentGradEmbedding that shares `embedding`'s weight (the same Parameter, not a copy)."""
         if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
             raise ValueError("PersistentGradEmbedding supports neither max_norm, scale_grad_by_freq nor sparse")
