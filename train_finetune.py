@@ -65,14 +65,15 @@ from minibert.training import (
     check_attention_backend,
     check_counts,
     check_layer_lr_decay,
+    hold_output_dir,
     parse_settings,
     plot_curves,
     remove_earlier_results,
     resolve_precision,
+    resolve_resume,
     run_cli,
     seed_everything,
     setup_distributed,
-    start_output_dir,
 )
 
 logger = logging.getLogger("minibert")
@@ -537,29 +538,31 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size"),
                  at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
     check_layer_lr_decay(cfg.layer_lr_decay)
-    if cfg.predict_only:
-        return predict_only(cfg)
-    start_output_dir(cfg)  # may set cfg.resume: the same command continues a killed run
-    dist = setup_distributed(cfg.device)
-    check_attention_backend(cfg.attn_impl, dist.device)
-    seed_everything(cfg.seed)
-
     if cfg.tag_scheme not in SCHEMES:
         raise ValueError(f"--tag-scheme {cfg.tag_scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
-    init_dir, init_config = read_init(cfg)
-    tokenizer = load_tokenizer(init_dir)  # before the data: span-annotated text is split into its words
-    task = load_data(cfg, tokenizer)
-    check_task_settings(cfg, task)
-    max_length = F.max_length_for(init_config, cfg.max_length, cfg.init)
-    vocab = choose_labels(cfg, task, init_dir, init_config)
-    check_task_tokenizer(cfg, task, tokenizer, init_config)
-    features = F.encode_task(tokenizer, task, vocab, max_length)
-    model = build_model(cfg, task, vocab, init_dir)
-    run = start_run(cfg, model, task, features, max_length, init_dir, dist, loss_fn=loss_for(cfg, task, features, vocab))
-    train_stats = train(cfg, run, task, features, vocab, tokenizer, stop_after_steps=_stop_after_steps)
-    if "stopped_at" in train_stats:
-        return train_stats
-    return evaluate_and_write_results(cfg, run, task, features, vocab, tokenizer, train_stats)
+    dist = setup_distributed(cfg.device)
+    with hold_output_dir(cfg.output_dir, dist):  # the only live run there, from here to the end
+        if cfg.predict_only:
+            return predict_only(cfg)
+        resolve_resume(cfg)  # may set cfg.resume: the same command continues a killed run
+        check_attention_backend(cfg.attn_impl, dist.device)
+        seed_everything(cfg.seed, dist.rank)
+
+        init_dir, init_config = read_init(cfg)
+        tokenizer = load_tokenizer(init_dir)  # before the data: span-annotated text is split into its words
+        task = load_data(cfg, tokenizer)
+        check_task_settings(cfg, task)
+        max_length = F.max_length_for(init_config, cfg.max_length, cfg.init)
+        vocab = choose_labels(cfg, task, init_dir, init_config)
+        check_task_tokenizer(cfg, task, tokenizer, init_config)
+        features = F.encode_task(tokenizer, task, vocab, max_length)
+        model = build_model(cfg, task, vocab, init_dir)
+        run = start_run(cfg, model, task, features, max_length, init_dir, dist,
+                        loss_fn=loss_for(cfg, task, features, vocab))
+        train_stats = train(cfg, run, task, features, vocab, tokenizer, stop_after_steps=_stop_after_steps)
+        if "stopped_at" in train_stats:
+            return train_stats
+        return evaluate_and_write_results(cfg, run, task, features, vocab, tokenizer, train_stats)
 
 
 if __name__ == "__main__":

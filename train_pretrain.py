@@ -54,11 +54,12 @@ from minibert.training import (
     parse_settings,
     plot_curves,
     remove_earlier_results,
+    hold_output_dir,
     resolve_precision,
+    resolve_resume,
     run_cli,
     seed_everything,
     setup_distributed,
-    start_output_dir,
 )
 
 logger = logging.getLogger("minibert")
@@ -252,26 +253,28 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     check_counts(cfg, at_least_one=("max_steps", "batch_size", "grad_accum", "seq_len"),
                  at_least_zero=("eval_steps", "eval_batches", "save_steps"))
-    start_output_dir(cfg)  # may set cfg.resume: the same command continues a killed run
     dist = setup_distributed(cfg.device)
-    check_attention_backend(cfg.attn_impl, dist.device)
-    seed_everything(cfg.seed)
-    check_settings(cfg, dist)
+    with hold_output_dir(cfg.output_dir, dist):  # the only live run there, from here to the end
+        resolve_resume(cfg)  # may set cfg.resume: the same command continues a killed run
+        check_attention_backend(cfg.attn_impl, dist.device)
+        seed_everything(cfg.seed, dist.rank)
+        check_settings(cfg, dist)
 
-    tokenizer = load_run_tokenizer(cfg)
-    train, heldout = load_data(cfg, tokenizer, dist)
-    tokenizer = train.tokenizer  # the shards' copy: the one trained on the corpus when none was given
-    collate = P.MaskingCollator.for_dataset(train, mask_prob=cfg.mask_prob, whole_word_mask=cfg.whole_word_mask, seed=cfg.seed)
-    model = build_model(cfg, train)
-    trainer, state, run_config = start_run(cfg, model, train, heldout, dist)
-    metrics = PT.train(trainer, state, train, collate, batch_size=cfg.batch_size, heldout=heldout,
-                       eval_steps=cfg.eval_steps, eval_batches=cfg.eval_batches, save_steps=cfg.save_steps,
-                       seed=cfg.seed, tokenizer=tokenizer, run_config=run_config, progress=cfg.progress,
-                       stop_after_steps=_stop_after_steps)
-    if "stopped_at" in metrics:
+        tokenizer = load_run_tokenizer(cfg)
+        train, heldout = load_data(cfg, tokenizer, dist)
+        tokenizer = train.tokenizer  # the shards' copy: the one trained on the corpus when none was given
+        collate = P.MaskingCollator.for_dataset(train, mask_prob=cfg.mask_prob, whole_word_mask=cfg.whole_word_mask,
+                                                seed=cfg.seed)
+        model = build_model(cfg, train)
+        trainer, state, run_config = start_run(cfg, model, train, heldout, dist)
+        metrics = PT.train(trainer, state, train, collate, batch_size=cfg.batch_size, heldout=heldout,
+                           eval_steps=cfg.eval_steps, eval_batches=cfg.eval_batches, save_steps=cfg.save_steps,
+                           seed=cfg.seed, tokenizer=tokenizer, run_config=run_config, progress=cfg.progress,
+                           stop_after_steps=_stop_after_steps)
+        if "stopped_at" in metrics:
+            return metrics
+        write_results(cfg, trainer, tokenizer)
         return metrics
-    write_results(cfg, trainer, tokenizer)
-    return metrics
 
 
 if __name__ == "__main__":

@@ -378,7 +378,7 @@ def train(
 
     bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and progress), desc="fine-tuning",
                dynamic_ncols=True)
-    speed = Throughput()
+    speed = Throughput()  # examples per second of the last steps, for the progress bar
     train_seconds, examples_trained = 0.0, 0  # training alone, without evaluation and saving
     stopped_early = False
     while state.step < total_steps and state.epoch < epochs and not stopped_early:
@@ -388,14 +388,14 @@ def train(
             step_start = time.perf_counter()
             micro = [D.collate([features[i] for i in batch], pad_token_id) for batch in group]
             result = trainer.step(micro)
-            train_seconds += time.perf_counter() - step_start
+            step_seconds = time.perf_counter() - step_start
+            train_seconds += step_seconds
             state.step += 1
             state.batch_in_epoch += len(group)
             n = sum(len(b) for b in group) * dist.world_size
-            state.examples_seen += n
             examples_trained += n
             bar.update(1)
-            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", ex_s=f"{speed.update(n):.0f}")
+            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", ex_s=f"{speed.update(n, step_seconds):.0f}")
             trainer.log_metrics({"split": "train", "step": state.step, "epoch": state.epoch, "loss": result["loss"],
                                  "lr": result["lr"], "grad_norm": result["grad_norm"]})
             epoch_done = start + schedule.grad_accum >= len(batches)  # `batches` holds what is left of this epoch

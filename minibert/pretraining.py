@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,6 +128,12 @@ def flops_per_token(config: BertConfig, seq_len: int) -> float:
     return 6 * weights + 12 * L * C * seq_len
 
 
+def model_flops_utilization(tokens_per_s: float, flops_per_token: float, peak_flops_per_device: float, devices: int) -> float:
+    """The share of the hardware's peak that the model's FLOPs use: each device's tokens per second (all
+    processes' tokens divided among them) against one device's peak."""
+    return tokens_per_s / devices * flops_per_token / peak_flops_per_device
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -214,23 +221,25 @@ def train(
     peak = peak_flops(dist.device)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and progress), desc="pretraining",
                dynamic_ncols=True)
-    speed = Throughput()
+    speed = Throughput()  # tokens per second of the last steps
     metrics = {}
     while state.step < total_steps:
         collate.epoch = state.epoch
         for indices in P.batches(len(train_split), batch_size, seed=seed, epoch=state.epoch, rank=dist.rank,
                                  world_size=dist.world_size, start_step=state.batch_in_epoch):
             collate.epoch = state.epoch
+            step_start = time.perf_counter()
             micro = [trim(collate(train_split.batch(indices[i : i + micro_batch])))
                      for i in range(0, len(indices), micro_batch)]
             result = trainer.step(micro, metrics_fn=pretraining_accuracies)
+            step_seconds = time.perf_counter() - step_start
             state.step += 1
             state.batch_in_epoch += 1
             tokens = dist.all_reduce_mean(float(sum(int(b["attention_mask"].sum()) for b in micro))) * dist.world_size
-            tokens_per_s = speed.update(int(tokens))
+            tokens_per_s = speed.update(tokens, step_seconds)  # all processes together
             postfix = {"loss": f"{result['loss']:.3f}", "mlm_acc": f"{result['mlm_accuracy']:.3f}", "tok_s": f"{tokens_per_s:.0f}"}
             if peak:
-                postfix["mfu"] = f"{tokens_per_s * flops / peak:.1%}"
+                postfix["mfu"] = f"{model_flops_utilization(tokens_per_s, flops, peak, dist.world_size):.1%}"
             bar.update(1)
             bar.set_postfix(postfix)
             trainer.log_metrics({"split": "train", "step": state.step, **{k: v for k, v in result.items() if v is not None},

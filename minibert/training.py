@@ -13,25 +13,30 @@ What is here and why:
 - DDP when launched with torchrun (gloo on CPU, nccl on GPU): the same script, no extra flag.
 - Checkpoints that resume exactly: model, optimizer, scheduler, every RNG, and the data position, under
   the settings the run was started with (saved beside them): the same command again continues a killed
-  run, --resume alone restores those settings, and a changed one is an error (start_output_dir).
+  run, --resume alone restores those settings, and a changed one is an error (resolve_resume).
+- One live run per output folder (hold_output_dir): an OS lock that dies with its process.
+- Per-rank randomness under torchrun: each rank seeds its dropout from (seed, rank), and checkpoints keep
+  every rank's random states; training_state.pt holds tensors and plain values only (weights_only=True).
 - metrics.jsonl logging and PNG training curves (matplotlib optional).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import fcntl
 import inspect
 import json
 import logging
-import math
 import os
+import pickle
 import random
 import re
 import shutil
+import socket
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -118,7 +123,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class Distributed:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
@@ -159,10 +163,17 @@ def setup_distributed(device: str | None = None) -> Distributed:
         torch.cuda.set_device(dev)
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, local_rank, dev)
+    return Distributed(rank, world_size, dev)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, numpy and torch (CPU and every GPU) for this process, from (seed, rank): each rank of a
+    distributed run draws dropout masks of its own (the same masks on every GPU would make their noise
+    alike), and a rerun draws the same ones again. Rank 0 takes the seed itself, so a one-process run
+    draws what it always did. Batches and MLM masks do not come from these generators: they are seeded
+    from the seed alone, per epoch and per example, the same at any number of processes."""
+    if rank:
+        seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -212,8 +223,6 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
-    examples_seen: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- optimizer and schedule
@@ -331,20 +340,28 @@ class Trainer:
         return self.output_dir / self.CHECKPOINT
 
     def save_checkpoint(self, state: TrainState, tokenizer=None, run_config: dict | None = None) -> None:
-        """Write DIR/checkpoint atomically: into a temporary folder, then swapped in by renames."""
+        """Write DIR/checkpoint atomically: into a temporary folder, then swapped in by renames. Every rank
+        calls it; rank 0 writes, with each rank's random states, so that each resumes its own dropout."""
+        rng = [rng_state()]
+        if self.dist.enabled:
+            rng = [None] * self.dist.world_size
+            torch_dist.all_gather_object(rng, rng_state())
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.output_dir / f".{self.CHECKPOINT}.tmp"
             old = self.output_dir / f".{self.CHECKPOINT}.old"
             remove_checkpoint(tmp)
             self.model.save_pretrained(tmp, tokenizer=tokenizer)
+            # Tensors and plain values only, so that resume reads it with weights_only=True: a checkpoint
+            # folder from anyone must not run code.
             torch.save(
                 {
+                    "format": TRAINING_STATE_FORMAT,
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler else None,
                     "state": asdict(state),
-                    "rng": rng_state(),
+                    "rng": rng,  # one per rank, in rank order
                 },
                 tmp / "training_state.pt",
             )
@@ -383,15 +400,17 @@ class Trainer:
             raise ValueError(f"cannot read the checkpoint {path} ({e}): delete {path} and start again without --resume") from None
         self.model.load_state_dict(loaded.state_dict())
         del loaded
-        try:
-            saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"cannot read {path / 'training_state.pt'} ({e}): delete {path} and start again without --resume") from None
+        saved = read_training_state(path)
+        processes = len(saved["rng"])
+        if processes != self.dist.world_size:  # each rank's data share and random states belong to its rank
+            raise ValueError(f"the run in {self.output_dir} was started with {processes} process(es) and is resumed with "
+                             f"{self.dist.world_size}: resume it with {processes} (torchrun --nproc_per_node {processes}), "
+                             "or start a new run in another --output-dir")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"][self.dist.rank])
         state = TrainState(**saved["state"])
         self._forget_metrics_after(state.step)
         logging.getLogger("minibert").info("minibert: resuming at step %d of %d from %s", state.step, self.total_steps, path)
@@ -412,6 +431,25 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+TRAINING_STATE_FORMAT = 2  # 1 (unnumbered): numpy's RNG state object, which needed weights_only=False
+
+
+def read_training_state(checkpoint: Path) -> dict:
+    """checkpoint/training_state.pt, read with weights_only=True: tensors and plain values, never code."""
+    path = checkpoint / "training_state.pt"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # the weights-only reader met an object it does not build
+        saved = None
+    except Exception as e:
+        raise ValueError(f"cannot read {path} ({e}): delete {checkpoint} and start again without --resume") from None
+    if not isinstance(saved, dict) or saved.get("format") != TRAINING_STATE_FORMAT:
+        raise ValueError(f"{path} holds Python objects besides tensors and plain values, which minibert does not load "
+                         "(they could run code): it was written by an older minibert, or by someone else; finish that run "
+                         f"with the minibert that started it, or delete {checkpoint} and start again without --resume")
+    return saved
 
 
 def find_checkpoint(output_dir: str | Path) -> Path | None:
@@ -502,13 +540,13 @@ def settings_to_resume(settings, output_dir: str | Path) -> None:
             setattr(settings, f.name, saved[f.name])
 
 
-def start_output_dir(settings) -> None:
-    """Keep a new run from mixing with an old one in --output-dir. Where a killed run left its checkpoint,
-    the same command again continues it (as --resume would), and a changed one stops with an error rather
-    than throw that work away. Sets settings.resume when it continues a run."""
+def resolve_resume(settings) -> None:
+    """Decide whether this run continues the one in --output-dir, and with which settings, so that a new
+    run never mixes with an old one. --resume takes the old run's settings (settings_to_resume). Where a
+    killed run left its checkpoint, the same command again continues it (it sets settings.resume), and a
+    changed one stops with an error rather than throw that work away. Call it holding the folder
+    (hold_output_dir), so that the run it looks at is not a live one."""
     output_dir = Path(settings.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"--output-dir {output_dir} is a file: give a folder (it is created if missing)")
     if settings.resume:
         return settings_to_resume(settings, output_dir)
     checkpoint = find_checkpoint(output_dir)
@@ -523,6 +561,73 @@ def start_output_dir(settings) -> None:
             "minibert: continuing the unfinished run in %s, started with these settings (delete %s to start over)",
             output_dir, checkpoint)
         settings.resume = True
+
+
+# ----------------------------------------------------------------------------- one live run per output folder
+
+RUN_LOCK = ".minibert-run.lock"  # DIR/.minibert-run.lock: held by the live run's rank 0, names its pid and host
+
+
+class OutputDirInUse(FileExistsError):
+    """Another live run holds --output-dir (run_cli prints it as one line, like every input error)."""
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: str | Path, dist: Distributed):
+    """Run the body as the only live run in output_dir: rank 0 holds an exclusive flock(2) on
+    DIR/.minibert-run.lock, which the kernel releases when the process ends however it ends (kill -9
+    leaves no stale lock to clean up), and the other ranks of the same run share rank 0's answer. A
+    second run there, of either script, stops at once with the live run's pid and host. Take it before
+    anything is read or written. A folder made for a run that then stopped on bad input is removed
+    again, so such a run leaves nothing behind."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"--output-dir {output_dir} is a file: give a folder (it is created if missing)")
+    created = not output_dir.exists()
+    lock, refusal = None, None
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock, refusal = _lock_run(output_dir / RUN_LOCK)
+    if dist.enabled:  # the other ranks learn rank 0's answer, so that every rank stops or none does
+        answer = [refusal]
+        torch_dist.broadcast_object_list(answer)
+        refusal = answer[0]
+    if refusal is not None:
+        raise OutputDirInUse(f"--output-dir {output_dir} is in use by a live run ({refusal}): wait for it to end, "
+                             "stop it, or choose another --output-dir")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            (output_dir / RUN_LOCK).unlink(missing_ok=True)  # while still held: see _lock_run
+            lock.close()
+            if created and not any(output_dir.iterdir()):
+                output_dir.rmdir()
+
+
+def _lock_run(path: Path):
+    """(the open, locked file, None), or (None, "pid N on host H") when a live run holds it."""
+    while True:
+        f = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "a run that is starting"
+            f.close()
+            return None, owner
+        # The run that held it may have removed the file between our open and its release: then this lock is
+        # on a file nobody else can find, and the next run would lock a new one. Lock the file at `path`.
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on host {socket.gethostname()}, {Path(sys.argv[0]).name}\n")
+            f.flush()
+            return f, None
+        f.close()
 
 
 def remove_earlier_results(output_dir: str | Path, results: tuple[str, ...]) -> None:
@@ -544,9 +649,13 @@ def check_attention_backend(attn_impl: str | None, device: torch.device) -> None
 
 
 def rng_state() -> dict:
+    """This process's random generators as tensors and plain values, which torch.load reads with
+    weights_only=True (numpy's own state object is an array that only a full unpickler rebuilds)."""
+    numpy = np.random.get_state(legacy=False)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, a tuple of 625 ints, gauss_next)
+        "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)), "pos": numpy["state"]["pos"],
+                  "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -554,21 +663,24 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
+                         "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Throughput:
-    """Examples (or tokens) per second over the recent steps, for the progress bar."""
+    """Examples (or tokens) per second of training over the last `window` steps, for the progress bar and
+    the log. Each step's own time is counted, so evaluations and checkpoint saves do not slow it."""
 
-    def __init__(self):
-        self.start, self.count = time.perf_counter(), 0
+    def __init__(self, window: int = 20):
+        self.recent = collections.deque(maxlen=window)  # (count, seconds) of each recent step
 
-    def update(self, n: int) -> float:
-        self.count += n
-        return self.count / max(1e-9, time.perf_counter() - self.start)
+    def update(self, count: float, seconds: float) -> float:
+        self.recent.append((count, seconds))
+        return sum(c for c, _ in self.recent) / max(1e-9, sum(t for _, t in self.recent))
 
 
 def plot_curves(metrics_path: Path, out_path: Path, train_key: str = "loss", eval_keys: tuple[str, ...] = ()) -> bool:
@@ -603,9 +715,3 @@ def plot_curves(metrics_path: Path, out_path: Path, train_key: str = "loss", eva
     os.replace(tmp, out_path)
     return True
 
-
-def total_optimizer_steps(num_batches_per_epoch: int, epochs: int, grad_accum: int, max_steps: int | None) -> int:
-    """Optimizer steps of a run: --max-steps when given, else epochs * ceil(batches / grad_accum)."""
-    if max_steps:
-        return max_steps
-    return epochs * math.ceil(num_batches_per_epoch / grad_accum)

@@ -468,26 +468,3 @@ def test_cli_prints_one_line_error(tiny_init_dir, tmp_path):
                             capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: --train-file: no such file")
-
-
-def test_torchrun_two_processes(tiny_init_dir, tmp_path):
-    """The same script under torchrun (2 CPU processes, gloo): it trains, evaluates once on rank 0 and
-    writes one model that loads."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).parents[1]
-    train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(root / "train_finetune.py"), "--init", str(tiny_init_dir), "--train-file", str(train),
-           "--validation-file", str(train), "--test-file", str(train), "--output-dir", str(tmp_path / "out"),
-           "--batch-size", "4", "--max-steps", "4", "--eval-steps", "2", "--no-progress"]
-    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4]
-    assert len([r for r in records if r["split"] == "train"]) == 4  # logged once, by rank 0
-    assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 24
-    transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")

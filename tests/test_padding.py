@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import minibert
-from conftest import padded_batch
 from minibert.padding import TokenLayout
 
 

@@ -159,3 +159,13 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(corpus, 
     single, ddp = train_losses(tmp_path / "single"), train_losses(tmp_path / "ddp")
     assert len(single) == len(ddp) == 6
     assert max(abs(x - y) for x, y in zip(single, ddp)) < 1e-5, (single, ddp)
+
+
+def test_mfu_is_each_devices_share_of_its_own_peak():
+    """Under DDP the tokens per second are all processes' together: against one device's peak they once
+    overstated MFU by the number of processes."""
+    from minibert.pretraining import model_flops_utilization
+
+    # 8 devices at 3,000 tokens/s each, 1e9 FLOPs per token, 1e14 FLOP/s peak: 3e12 / 1e14 = 3%.
+    assert model_flops_utilization(8 * 3000.0, 1e9, 1e14, devices=8) == pytest.approx(0.03)
+    assert model_flops_utilization(3000.0, 1e9, 1e14, devices=1) == pytest.approx(0.03)

@@ -199,3 +199,145 @@ def test_a_finished_run_leaves_no_checkpoint_or_temporary_files(tmp_path):
     (tmp_path / "predictions.jsonl").write_text("{}\n")
     trainer.remove_checkpoints()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]
+
+
+# ----------------------------------------------------------------------------- the training state file
+
+
+def saved_trainer(tmp_path):
+    model = minibert.BertForSequenceClassification(minibert.BertConfig.preset("tiny", vocab_size=50))
+    trainer = Trainer(model, TrainingSettings(), total_steps=2, output_dir=tmp_path)
+    trainer.save_checkpoint(TrainState(step=1))
+    return trainer
+
+
+class CreatesAFile:
+    """What a crafted pickle can do on load: here, create a file (it could as well run any command)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_training_state_that_would_run_code_is_refused_and_runs_none(tmp_path):
+    trainer = saved_trainer(tmp_path / "run")
+    marker = tmp_path / "created-by-the-pickle"
+    state_file = tmp_path / "run" / "checkpoint" / "training_state.pt"
+    torch.save({**torch.load(state_file, weights_only=True), "optimizer": CreatesAFile(marker)}, state_file)
+    with pytest.raises(ValueError, match="holds Python objects besides tensors and plain values.*could run code") as err:
+        trainer.resume()
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_training_state_of_the_previous_format_is_a_clear_error(tmp_path):
+    """The previous format kept numpy's RNG state object, which only a full (code-running) unpickler reads."""
+    import random
+
+    import numpy as np
+
+    trainer = saved_trainer(tmp_path)
+    state_file = tmp_path / "checkpoint" / "training_state.pt"
+    saved = torch.load(state_file, weights_only=True)
+    old = {key: saved[key] for key in ("optimizer", "scheduler", "scaler", "state")}
+    old["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": None}
+    torch.save(old, state_file)
+    with pytest.raises(ValueError, match=f"written by an older minibert.*delete {tmp_path / 'checkpoint'}") as err:
+        trainer.resume()
+    assert "\n" not in str(err.value)
+
+
+def test_every_random_generator_is_restored_from_tensors_and_plain_values():
+    import random
+
+    import numpy as np
+
+    from minibert.training import rng_state, set_rng_state
+
+    random.random(), np.random.normal(), torch.rand(1)  # numpy now holds a cached Gaussian, part of its state
+    state = rng_state()
+    expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3).tolist())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    set_rng_state(state)
+    assert (random.random(), np.random.normal(), np.random.rand(), torch.rand(3).tolist()) == expected
+
+
+def test_each_rank_seeds_its_own_dropout_and_rank_zero_keeps_the_seed():
+    from minibert.training import seed_everything
+
+    def dropout_mask(seed, rank):
+        seed_everything(seed, rank)
+        return torch.nn.functional.dropout(torch.ones(1000), 0.5) != 0
+
+    torch.manual_seed(7)
+    single_process = torch.nn.functional.dropout(torch.ones(1000), 0.5) != 0
+    assert torch.equal(dropout_mask(7, 0), single_process)  # a one-process run draws what it always did
+    assert not torch.equal(dropout_mask(7, 1), dropout_mask(7, 0))
+    assert torch.equal(dropout_mask(7, 1), dropout_mask(7, 1))  # and a rerun draws it again
+    assert not torch.equal(dropout_mask(7, 1), dropout_mask(8, 1))
+
+
+# ----------------------------------------------------------------------------- one live run per folder
+
+
+def test_a_second_run_in_a_live_runs_folder_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from minibert.training import Distributed, hold_output_dir
+
+    out = tmp_path / "out"
+    with hold_output_dir(out, Distributed()):
+        # Another open of the lock file, as another process's would be (flock locks belong to open files).
+        with pytest.raises(FileExistsError, match=f"--output-dir {out} is in use by a live run \\(pid {os.getpid()} on "
+                                                  f"host {socket.gethostname()}") as err:
+            with hold_output_dir(out, Distributed()):
+                pass
+        assert "\n" not in str(err.value)
+        (out / "model.safetensors").write_text("")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]  # the lock goes with its run
+
+    # kill -9 leaves no stale lock: the kernel releases it with the process.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from minibert.training import Distributed, hold_output_dir\n"
+         "with hold_output_dir(sys.argv[1], Distributed()):\n    print('held', flush=True); time.sleep(300)", str(out)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=f"pid {holder.pid} on host"):
+            with hold_output_dir(out, Distributed()):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with hold_output_dir(out, Distributed()):
+        pass
+
+
+def test_a_folder_made_for_a_run_that_stops_on_bad_input_is_removed(tmp_path):
+    from minibert.training import Distributed, hold_output_dir
+
+    with pytest.raises(ValueError, match="bad input"):
+        with hold_output_dir(tmp_path / "new" / "out", Distributed()):
+            raise ValueError("bad input")
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match="is a file: give a folder"):
+        with hold_output_dir(tmp_path / "file", Distributed()):
+            pass
+
+
+def test_throughput_counts_the_recent_steps_only_and_their_own_time():
+    """It once divided everything since the start by the time since the start, evaluations included."""
+    from minibert.training import Throughput
+
+    speed = Throughput(window=2)
+    assert speed.update(100, 1.0) == 100.0
+    assert speed.update(300, 1.0) == 200.0  # (100 + 300) / 2 s
+    assert speed.update(30, 2.0) == 110.0  # (300 + 30) / 3 s: the first step has left the window

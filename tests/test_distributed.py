@@ -1,0 +1,149 @@
+"""Both scripts under torchrun (2 CPU processes, gloo), end to end: each rank draws its own dropout, a
+killed run resumes with exactly the losses of an uninterrupted one on every rank, and a second run in the
+folder of a live one stops at once while the live one finishes unharmed.
+
+The runs go through tests/ddp_probe.py, which records each rank's own losses and dropout masks. These
+are the slowest tests of the suite (a torchrun start costs seconds), so each run serves several checks.
+"""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import transformers
+
+import train_finetune
+import train_pretrain
+
+ROOT = Path(__file__).parents[1]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def probe(script, record, *args, stop_after=0, hold="-"):
+    return [*TORCHRUN, str(ROOT / "tests" / "ddp_probe.py"), script, str(record), str(stop_after), str(hold), "--",
+            *map(str, args)]
+
+
+def run(cmd, **kwargs):
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def records(record_dir, rank):
+    lines = [json.loads(line) for line in (Path(record_dir) / f"rank{rank}.jsonl").read_text().splitlines()]
+    return [line for line in lines if "loss" in line]
+
+
+def wait_for_pid(record_dir, live, timeout=240):
+    """The live run's pid, once it holds its output folder and waits at the probe's hold."""
+    path = Path(record_dir) / "rank0.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert live.poll() is None, live.communicate()[1][-3000:]
+        if path.is_file() and path.read_text().strip():
+            return json.loads(path.read_text().splitlines()[0])["pid"]
+        time.sleep(0.1)
+    raise AssertionError("the live run did not start")
+
+
+def check_live_run_and_second_run(tmp_path, script, args, second_run):
+    """Start the reference run, held before its first step; a second run in its folder must stop at once,
+    naming it; then the reference run goes on and must finish."""
+    live = subprocess.Popen(probe(script, tmp_path / "a", *args, "--output-dir", tmp_path / "a-out",
+                                  hold=tmp_path / "go"), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_pid(tmp_path / "a", live)
+        second = second_run(tmp_path / "a-out")
+        (tmp_path / "go").touch()
+        _, stderr = live.communicate(timeout=300)
+    finally:
+        (tmp_path / "go").touch()  # never leave its workers waiting
+        live.kill()
+    assert live.returncode == 0, stderr[-3000:]
+    expected = f"--output-dir {tmp_path / 'a-out'} is in use by a live run (pid {pid} on host {socket.gethostname()}"
+    assert expected in second, second[-3000:]
+    assert not (tmp_path / "a-out" / ".minibert-run.lock").exists()  # a finished run leaves no lock behind
+
+
+def check_ranks_and_resume(tmp_path, script, args, stop_after, resumed_from):
+    """Dropout masks differ between the ranks at every step where their inputs have the same shape; the run
+    killed after `stop_after` steps, resumed from its checkpoint at step `resumed_from`, repeats the
+    reference run's losses and masks exactly, rank by rank."""
+    out = tmp_path / "b-out"
+    run(probe(script, tmp_path / "b", *args, "--output-dir", out, stop_after=stop_after))
+    # A different number of processes would give each rank other data and other random states.
+    main = train_finetune.main if script == "finetune" else train_pretrain.main
+    with pytest.raises(ValueError, match="started with 2 process\\(es\\) and is resumed with 1: resume it with 2"):
+        main(["--output-dir", str(out), "--resume", "--no-progress"])
+    run(probe(script, tmp_path / "b", "--output-dir", out, "--resume", "--no-progress"))
+
+    reference = [records(tmp_path / "a", rank) for rank in (0, 1)]
+    same_shape = [(r0["mask"], r1["mask"]) for r0, r1 in zip(*reference) if r0["shape"] == r1["shape"]]
+    assert len(same_shape) >= 2
+    assert all(m0 != m1 for m0, m1 in same_shape)
+    for rank in (0, 1):
+        killed_and_resumed = records(tmp_path / "b", rank)
+        expected = reference[rank][:stop_after] + reference[rank][resumed_from:]
+        assert [r["loss"] for r in killed_and_resumed] == [r["loss"] for r in expected], rank
+        assert [r["mask"] for r in killed_and_resumed] == [r["mask"] for r in expected], rank
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun(tiny_init_dir, tmp_path):
+    # Five-token examples: every batch has the same shape on both ranks, so their masks compare everywhere.
+    texts = [("great fun film", "pos"), ("dull sad film", "neg"), ("fine good show", "pos"), ("bad poor show", "neg")]
+    rows = [texts[i % 4] for i in range(16)]
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
+    data = tmp_path / "train.csv"
+    args = ["--init", tiny_init_dir, "--train-file", data, "--validation-file", data, "--test-file", data,
+            "--batch-size", 4, "--max-steps", 6, "--eval-steps", 3, "--lr", "1e-3", "--dropout", 0.2, "--no-progress"]
+    def second_run(out):  # the other script, called here in the test's process
+        with pytest.raises(FileExistsError) as err:
+            train_pretrain.main(["--output-dir", str(out), "--preset", "tiny", "--max-steps", "1", "--no-progress"])
+        return str(err.value)
+
+    check_live_run_and_second_run(tmp_path, "finetune", args, second_run)
+    # What the live run wrote: evaluated on rank 0 at steps 3 and 6, logged once, one model that transformers loads.
+    logged = [json.loads(line) for line in (tmp_path / "a-out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["split"] == "eval"] == [3, 6]
+    assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert len((tmp_path / "a-out" / "predictions.jsonl").read_text().splitlines()) == 16
+    transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "a-out")
+    # Killed after step 3, whose evaluation wrote a checkpoint, and resumed from there.
+    check_ranks_and_resume(tmp_path, "finetune", args, stop_after=3, resumed_from=3)
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun(tiny_init_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIBERT_CACHE", str(tmp_path / "cache"))
+    words = "the cat dog sat on a mat and ran to house garden tree bird sang river walked over".split()
+    rng = random.Random(0)
+    # Long documents, no NSP and no short rows: most rows are full, so many batches have one shape on both ranks.
+    docs = ["\n".join(" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(40)) for _ in range(8)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    args = ["--data", tmp_path / "corpus.txt", "--preset", "tiny", "--num-layers", 1, "--hidden-size", 32,
+            "--num-heads", 2, "--vocab-size", 120, "--seq-len", 16, "--batch-size", 8, "--max-steps", 6,
+            "--eval-steps", 6, "--eval-batches", 1, "--save-steps", 2, "--heldout-fraction", 0.2, "--lr", "1e-3",
+            "--no-nsp", "--short-seq-prob", 0, "--no-progress"]
+    def second_run(out):  # the other script, under torchrun: both of its ranks must stop, each saying why
+        result = subprocess.run([*TORCHRUN, str(ROOT / "train_finetune.py"), "--init", str(tiny_init_dir), "--output-dir",
+                                 str(out), "--max-steps", "1", "--no-progress"], env=env(), capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode != 0
+        assert result.stderr.count("error: --output-dir") == 2, result.stderr[-3000:]
+        return result.stderr
+
+    check_live_run_and_second_run(tmp_path, "pretrain", args, second_run)
+    check_ranks_and_resume(tmp_path, "pretrain", args, stop_after=3, resumed_from=2)
