@@ -442,13 +442,14 @@ def read_training_state(checkpoint: Path) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # the weights-only reader met an object it does not build
-        saved = None
+        raise ValueError(f"{path} holds Python objects besides tensors and plain values, which minibert does not load "
+                         "(they could run code): it was written by an older minibert, or by someone else; finish that run "
+                         f"with the minibert that started it, or delete {checkpoint} and start again without --resume") from None
     except Exception as e:
         raise ValueError(f"cannot read {path} ({e}): delete {checkpoint} and start again without --resume") from None
     if not isinstance(saved, dict) or saved.get("format") != TRAINING_STATE_FORMAT:
-        raise ValueError(f"{path} holds Python objects besides tensors and plain values, which minibert does not load "
-                         "(they could run code): it was written by an older minibert, or by someone else; finish that run "
-                         f"with the minibert that started it, or delete {checkpoint} and start again without --resume")
+        raise ValueError(f"{path} is not a training state this minibert wrote (format {TRAINING_STATE_FORMAT}): delete "
+                         f"{checkpoint} and start again without --resume")
     return saved
 
 
@@ -584,17 +585,22 @@ def hold_output_dir(output_dir: str | Path, dist: Distributed):
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"--output-dir {output_dir} is a file: give a folder (it is created if missing)")
     created = not output_dir.exists()
-    lock, refusal = None, None
+    lock, answer = None, [None]  # rank 0's reason to stop, if any: (kind, message)
     if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        lock, refusal = _lock_run(output_dir / RUN_LOCK)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock, owner = _lock_run(output_dir / RUN_LOCK)
+            if owner is not None:
+                answer = [("in use", f"--output-dir {output_dir} is in use by a live run ({owner}): wait for it to end, "
+                                     "stop it, or choose another --output-dir")]
+        except OSError as e:  # a folder this user cannot write, a read-only file system
+            answer = [("unwritable", f"--output-dir {output_dir} cannot be written ({e.strerror}): choose a folder you "
+                                     "can write to")]
     if dist.enabled:  # the other ranks learn rank 0's answer, so that every rank stops or none does
-        answer = [refusal]
         torch_dist.broadcast_object_list(answer)
-        refusal = answer[0]
-    if refusal is not None:
-        raise OutputDirInUse(f"--output-dir {output_dir} is in use by a live run ({refusal}): wait for it to end, "
-                             "stop it, or choose another --output-dir")
+    if answer[0] is not None:
+        kind, message = answer[0]
+        raise OutputDirInUse(message) if kind == "in use" else ValueError(message)
     try:
         yield
     finally:
@@ -606,7 +612,7 @@ def hold_output_dir(output_dir: str | Path, dist: Distributed):
 
 
 def _lock_run(path: Path):
-    """(the open, locked file, None), or (None, "pid N on host H") when a live run holds it."""
+    """(the open, locked file, None), or (None, "pid N on host H, script") when a live run holds it."""
     while True:
         f = open(path, "a+", encoding="utf-8")
         try:

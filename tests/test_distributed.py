@@ -78,9 +78,14 @@ def check_live_run_and_second_run(tmp_path, script, args, second_run):
 
 
 def check_ranks_and_resume(tmp_path, script, args, stop_after, resumed_from):
-    """Dropout masks differ between the ranks at every step where their inputs have the same shape; the run
-    killed after `stop_after` steps, resumed from its checkpoint at step `resumed_from`, repeats the
-    reference run's losses and masks exactly, rank by rank."""
+    """The ranks' dropout masks differ at every step; the run killed after `stop_after` steps, resumed from
+    its checkpoint at step `resumed_from`, repeats the reference run's losses and masks exactly, rank by rank.
+
+    The examples have different lengths, so the ranks' batches have different shapes and draw different
+    numbers of random values: when both ranks were seeded alike, their generators agreed at the first step
+    only (the masks there were the same), and a resume that gave every rank rank 0's generator was wrong
+    from the first step after it. Masks of different lengths compare on their common beginning: a
+    generator in one state draws the same first values whatever the size."""
     out = tmp_path / "b-out"
     run(probe(script, tmp_path / "b", *args, "--output-dir", out, stop_after=stop_after))
     # A different number of processes would give each rank other data and other random states.
@@ -90,9 +95,11 @@ def check_ranks_and_resume(tmp_path, script, args, stop_after, resumed_from):
     run(probe(script, tmp_path / "b", "--output-dir", out, "--resume", "--no-progress"))
 
     reference = [records(tmp_path / "a", rank) for rank in (0, 1)]
-    same_shape = [(r0["mask"], r1["mask"]) for r0, r1 in zip(*reference) if r0["shape"] == r1["shape"]]
-    assert len(same_shape) >= 2
-    assert all(m0 != m1 for m0, m1 in same_shape)
+    assert len(reference[0]) == len(reference[1]) == 6
+    assert any(r0["shape"] != r1["shape"] for r0, r1 in zip(*reference))
+    for r0, r1 in zip(*reference):
+        common = min(len(r0["mask"]), len(r1["mask"]))
+        assert r0["mask"][:common] != r1["mask"][:common]
     for rank in (0, 1):
         killed_and_resumed = records(tmp_path / "b", rank)
         expected = reference[rank][:stop_after] + reference[rank][resumed_from:]
@@ -102,13 +109,13 @@ def check_ranks_and_resume(tmp_path, script, args, stop_after, resumed_from):
 
 @pytest.mark.slow
 def test_finetune_under_torchrun(tiny_init_dir, tmp_path):
-    # Five-token examples: every batch has the same shape on both ranks, so their masks compare everywhere.
-    texts = [("great fun film", "pos"), ("dull sad film", "neg"), ("fine good show", "pos"), ("bad poor show", "neg")]
+    texts = [("great fun film", "pos"), ("dull sad film", "neg"), ("a fine and good show today", "pos"),
+             ("a bad and poor show today", "neg")]
     rows = [texts[i % 4] for i in range(16)]
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
     data = tmp_path / "train.csv"
     args = ["--init", tiny_init_dir, "--train-file", data, "--validation-file", data, "--test-file", data,
-            "--batch-size", 4, "--max-steps", 6, "--eval-steps", 3, "--lr", "1e-3", "--dropout", 0.2, "--no-progress"]
+            "--batch-size", 4, "--max-steps", 6, "--eval-steps", 3, "--lr", "1e-3", "--dropout", 0.2, "--no-group-by-length", "--no-progress"]
     def second_run(out):  # the other script, called here in the test's process
         with pytest.raises(FileExistsError) as err:
             train_pretrain.main(["--output-dir", str(out), "--preset", "tiny", "--max-steps", "1", "--no-progress"])
@@ -130,13 +137,14 @@ def test_pretrain_under_torchrun(tiny_init_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MINIBERT_CACHE", str(tmp_path / "cache"))
     words = "the cat dog sat on a mat and ran to house garden tree bird sang river walked over".split()
     rng = random.Random(0)
-    # Long documents, no NSP and no short rows: most rows are full, so many batches have one shape on both ranks.
-    docs = ["\n".join(" ".join(rng.choice(words) for _ in range(10)) + "." for _ in range(40)) for _ in range(8)]
+    # Sentences of 4 to 14 words, without NSP: rows of one sentence each, of different lengths.
+    docs = ["\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + "." for _ in range(40))
+            for _ in range(8)]
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
     args = ["--data", tmp_path / "corpus.txt", "--preset", "tiny", "--num-layers", 1, "--hidden-size", 32,
             "--num-heads", 2, "--vocab-size", 120, "--seq-len", 16, "--batch-size", 8, "--max-steps", 6,
             "--eval-steps", 6, "--eval-batches", 1, "--save-steps", 2, "--heldout-fraction", 0.2, "--lr", "1e-3",
-            "--no-nsp", "--short-seq-prob", 0, "--no-progress"]
+            "--no-nsp", "--no-progress"]
     def second_run(out):  # the other script, under torchrun: both of its ranks must stop, each saying why
         result = subprocess.run([*TORCHRUN, str(ROOT / "train_finetune.py"), "--init", str(tiny_init_dir), "--output-dir",
                                  str(out), "--max-steps", "1", "--no-progress"], env=env(), capture_output=True, text=True,

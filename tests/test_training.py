@@ -331,6 +331,9 @@ def test_a_folder_made_for_a_run_that_stops_on_bad_input_is_removed(tmp_path):
     with pytest.raises(FileExistsError, match="is a file: give a folder"):
         with hold_output_dir(tmp_path / "file", Distributed()):
             pass
+    with pytest.raises(ValueError, match="--output-dir /proc/minibert-run cannot be written"):  # even for root
+        with hold_output_dir("/proc/minibert-run", Distributed()):
+            pass
 
 
 def test_throughput_counts_the_recent_steps_only_and_their_own_time():
