@@ -30,19 +30,14 @@ from torch import Tensor
 from minibert.config import IGNORE_INDEX
 
 
-def check_right_padded(mask: Tensor) -> None:
-    """One-line errors for the masks the encoder cannot handle; `mask` is a (batch, seqlen) bool tensor
-    already known to hold some padding. Only the error path reads more than one flag off the device."""
-    empty = ~mask[:, 0]  # a right-padded row with a 0 at position 0 is all zeros
-    hole = (~mask[:, :-1] & mask[:, 1:]).any(dim=1)  # a 0 followed by a 1
-    if not bool((empty | hole).any()):
-        return
+def mask_error(empty: Tensor, hole: Tensor) -> str:
+    """The one-line error for the first refused row; empty and hole are (batch,) bool (see from_mask)."""
     row = int((empty | hole).nonzero()[0])
     if hole[row]:
-        raise ValueError(f"attention_mask row {row} is not right-padded (a 0 before a 1): pad on the right, as BERT "
-                         "tokenizers do (padding_side='right'), with the real tokens first and [CLS] at position 0")
-    raise ValueError(f"attention_mask row {row} has no tokens (all zeros): every sequence needs at least its [CLS] "
-                     "token; leave empty rows out of the batch")
+        return (f"attention_mask row {row} is not right-padded (a 0 before a 1): pad on the right, as BERT tokenizers "
+                "do (padding_side='right'), with the real tokens first and [CLS] at position 0")
+    return (f"attention_mask row {row} has no tokens (all zeros): every sequence needs at least its [CLS] token; "
+            "leave empty rows out of the batch")
 
 
 @dataclass
@@ -69,9 +64,13 @@ class TokenLayout:
         if attention_mask is None:
             return cls(batch_size, seqlen, None)
         mask = attention_mask.bool()
-        if bool(mask.all()):  # the one read from the device on the common path
+        empty = ~mask[:, 0]  # (batch,): a right-padded row that starts with a 0 has no tokens at all
+        hole = (~mask[:, :-1] & mask[:, 1:]).any(dim=1)  # (batch,): a 0 before a 1, left padding or a gap
+        no_padding, refused = torch.stack((mask.all(), (empty | hole).any())).tolist()  # one read from the device
+        if refused:
+            raise ValueError(mask_error(empty, hole))
+        if no_padding:
             return cls(batch_size, seqlen, None)  # nothing to skip: the padded path is the fast one
-        check_right_padded(mask)
         if not pack:
             return cls(batch_size, seqlen, mask)
         seqlens = mask.sum(dim=1, dtype=torch.int32)  # (batch,)
