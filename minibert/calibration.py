@@ -11,6 +11,11 @@ labels, and accuracy, stay exactly as they were.
     probs = probabilities("classification", logits, T)                  # softmax(logits / T)
     calibration_metrics("classification", logits, labels, T)            # {"ece": ..., "brier": ..., "nll": ...}
     plot_reliability("reliability.png", {"before": (conf, correct), "after": (conf_t, correct)})
+    calibration_report("classification", logits, labels, T)            # the three, and *_uncalibrated beside them
+
+A fine-tuned model keeps its T in config.json as `calibration_temperature` (a float, or {label: T} for
+multi-label); a checkpoint without one predicts at T = 1. The key is not `temperature`, which transformers
+5 reads as a text-generation setting and drops from any config it loads.
 
 The metrics, for N examples (lower is better for all three):
     ece    expected calibration error, top label: the confidences (the largest probability of each example)
@@ -203,3 +208,36 @@ def plot_reliability(path, curves: Mapping[str, tuple], title: str = "", num_bin
     plt.close(fig)
     tmp.replace(path)
     return True
+
+
+# ----------------------------------------------------------------------------- in a model's config.json
+
+CONFIG_KEY = "calibration_temperature"  # not "temperature": transformers 5 drops that key (a generation setting)
+
+
+def temperature_for_config(temperature: float | Sequence[float], labels: Sequence[str] | None = None) -> float | dict:
+    """What config.json holds: a float, or {label: T} for multi-label (as label_thresholds is)."""
+    if np.ndim(temperature) == 0:
+        return float(temperature)
+    return {label: float(t) for label, t in zip(labels, temperature, strict=True)}
+
+
+def temperature_from_config(extra: Mapping, labels: Sequence[str] | None = None) -> float | list[float]:
+    """The temperature a checkpoint's config saved (1.0, no scaling, when it saved none), in label order."""
+    saved = extra.get(CONFIG_KEY, 1.0)
+    if isinstance(saved, Mapping):
+        missing = [label for label in labels if label not in saved]
+        if missing:
+            raise ValueError(f"config.json's {CONFIG_KEY} has no temperature for label(s) {', '.join(missing)}: "
+                             "fine-tune the model again, or remove the key to predict uncalibrated")
+        return [float(saved[label]) for label in labels]
+    return float(saved)
+
+
+def calibration_report(task_type: str, logits, labels, temperature: float | Sequence[float] | None) -> dict[str, float]:
+    """ece, brier and nll of the probabilities as they are predicted; when a temperature was fitted (not None),
+    at that temperature, with the same three at T = 1 beside them as ece_uncalibrated, brier_uncalibrated, ..."""
+    report = calibration_metrics(task_type, logits, labels, 1.0 if temperature is None else temperature)
+    if temperature is not None:
+        report.update({f"{name}_uncalibrated": value for name, value in calibration_metrics(task_type, logits, labels).items()})
+    return report

@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from minibert.calibration import (
+    CONFIG_KEY,
     calibration_metrics,
+    calibration_report,
     expected_calibration_error,
     fit_temperature,
     plot_reliability,
     probabilities,
     reliability_bins,
+    temperature_for_config,
+    temperature_from_config,
     top_label,
 )
 
@@ -134,3 +138,22 @@ def test_reliability_diagram_is_written(tmp_path):
     curves = {"before": top_label("classification", logits, labels), "after": top_label("classification", logits, labels, 2.5)}
     assert plot_reliability(tmp_path / "reliability.png", curves)
     assert (tmp_path / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_temperature_in_config_json_by_label_and_back():
+    assert temperature_for_config(1.25) == 1.25 and temperature_from_config({CONFIG_KEY: 1.25}) == 1.25
+    saved = temperature_for_config([2.0, 0.5], ["sports", "arts"])
+    assert saved == {"sports": 2.0, "arts": 0.5}
+    assert temperature_from_config({CONFIG_KEY: saved}, ["arts", "sports"]) == [0.5, 2.0]  # by name, in label order
+    assert temperature_from_config({}) == 1.0  # a model that saved none predicts as it always did
+    with pytest.raises(ValueError, match="no temperature for label"):
+        temperature_from_config({CONFIG_KEY: saved}, ["arts", "music"])
+
+
+def test_calibration_report_puts_before_beside_after():
+    logits, labels = _synthetic(2.5, n=2000)
+    report = calibration_report("classification", logits, labels, 2.5)
+    assert report["ece"] == calibration_metrics("classification", logits, labels, 2.5)["ece"]
+    assert report["nll_uncalibrated"] == calibration_metrics("classification", logits, labels)["nll"]
+    assert set(report) == {"ece", "brier", "nll", "ece_uncalibrated", "brier_uncalibrated", "nll_uncalibrated"}
+    assert set(calibration_report("classification", logits, labels, None)) == {"ece", "brier", "nll"}  # --no-calibrate
