@@ -44,13 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minibert import data as D
 from minibert import finetuning as F
 from minibert.assets import MINILM_HUB_ID
-from minibert.config import BertConfig
-from minibert.hub import resolve_model_dir
 from minibert.class_weights import class_weights, weighted_loss
+from minibert.config import BertConfig
 from minibert.crf import CRF_FILE, BertCRFForTokenClassification
+from minibert.hub import resolve_model_dir
 from minibert.metrics import MAIN_METRIC, METRICS, compute_metrics, per_class_scores
 from minibert.spans import entity_spans, span_record
 from minibert.tagging import SCHEMES, CRFWeights, decode_tags, detect_scheme, log_softmax
@@ -75,6 +74,11 @@ from minibert.training import (
     seed_everything,
     setup_distributed,
 )
+from minibert.data.batching import collate, eval_batches, in_original_order
+from minibert.data.encoding import encode_examples
+from minibert.data.examples import DataError
+from minibert.data.labels import LabelVocab
+from minibert.data.readers import load_examples
 
 logger = logging.getLogger("minibert")
 
@@ -316,15 +320,15 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
 def predict(model, features, batch_size: int, pad_token_id: int, device, autocast) -> list[np.ndarray]:
     """Raw outputs per example, in example order: (L,) logits, or (T, L) per-token logits."""
     model.eval()
-    batches = D.eval_batches([len(f) for f in features], batch_size)
+    batches = eval_batches([len(f) for f in features], batch_size)
     outputs = []
     for batch in batches:
-        inputs = D.collate([features[i] for i in batch], pad_token_id)
+        inputs = collate([features[i] for i in batch], pad_token_id)
         inputs.pop("labels", None)
         with autocast():
             logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu().numpy()
         outputs.append([logits[row, : len(features[i])] if logits.ndim == 3 else logits[row] for row, i in enumerate(batch)])
-    return D.in_original_order(batches, outputs)
+    return in_original_order(batches, outputs)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -429,7 +433,7 @@ def prediction_records(task: F.TaskData, examples, outputs, features, vocab, dec
 def predict_only(cfg: FinetuneConfig) -> dict:
     """--predict-only: a fine-tuned model (--init) labels --test-file; nothing is trained."""
     if not cfg.test_file:
-        raise D.DataError("--predict-only needs --test-file, the examples to label")
+        raise DataError("--predict-only needs --test-file, the examples to label")
     if cfg.tune_thresholds:
         raise ValueError("--tune-thresholds picks thresholds on a validation set, and --predict-only has none: tune "
                          "them while fine-tuning (the model keeps them in its config.json)")
@@ -443,9 +447,9 @@ def predict_only(cfg: FinetuneConfig) -> dict:
         task_type = {"regression": "regression", "multi_label_classification": "multilabel",
                      "single_label_classification": "classification"}.get(config.problem_type, guess)
     else:
-        raise D.DataError(f"--predict-only needs a fine-tuned model as --init, and {cfg.init} has no classifier head: "
-                          "fine-tune it first (drop --predict-only)")
-    vocab = None if task_type == "regression" else D.LabelVocab(F.checkpoint_labels(config))
+        raise DataError(f"--predict-only needs a fine-tuned model as --init, and {cfg.init} has no classifier head: "
+                        "fine-tune it first (drop --predict-only)")
+    vocab = None if task_type == "regression" else LabelVocab(F.checkpoint_labels(config))
     max_length = F.max_length_for(config, cfg.max_length, cfg.init)
     tokenizer = load_tokenizer(init_dir)
     F.check_tokenizer_fits(tokenizer, config, cfg.init, text_pairs=bool(cfg.text_pair_column))
@@ -453,10 +457,10 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     scheme = config.extra.get(TAG_SCHEME_KEY) if config.extra.get(TAG_SCHEME_KEY) in SCHEMES else cfg.tag_scheme
     columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
                    tokenizer=tokenizer, tag_scheme=scheme)
-    examples = D.load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
+    examples = load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
     pad_id = tokenizer.token_to_id("[PAD]")
-    features = D.encode_examples(tokenizer, examples, max_length=max_length, task_type=task_type, label_vocab=vocab,
-                                 source="the test data")
+    features = encode_examples(tokenizer, examples, max_length=max_length, task_type=task_type, label_vocab=vocab,
+                               source="the test data")
     device = setup_distributed(cfg.device).device
     check_attention_backend(cfg.attn_impl, device)
     precision = resolve_precision(cfg.precision, device)

@@ -36,10 +36,12 @@ from pathlib import Path
 import torch
 
 from minibert import pretraining as PT
-from minibert import pretraining_data as P
 from minibert.assets import cache_dir
 from minibert.config import BertConfig
 from minibert.hub import resolve_model_dir
+from minibert.pretraining_data.corpus import CorpusError, CorpusNotFoundError
+from minibert.pretraining_data.dataset import PretrainingDataset, unigram_log_probs
+from minibert.pretraining_data.masking import MaskingCollator
 from minibert.segmentation import SEGMENTERS
 from minibert.tokenizer import REQUIRED_SPECIAL_TOKENS, check_special_tokens, load_tokenizer
 from minibert.training import (
@@ -173,26 +175,26 @@ def load_run_tokenizer(cfg: PretrainConfig):
     return tokenizer
 
 
-def load_data(cfg: PretrainConfig, tokenizer, dist: Distributed) -> tuple[P.PretrainingDataset, P.PretrainingDataset]:
+def load_data(cfg: PretrainConfig, tokenizer, dist: Distributed) -> tuple[PretrainingDataset, PretrainingDataset]:
     """The (train, held-out) splits of the preprocessed corpus."""
     try:
         shards = PT.prepare_shards(cfg.data, tokenizer=tokenizer, vocab_size=cfg.vocab_size, text_column=cfg.text_column,
                                    text_field=cfg.text_field, seq_len=cfg.seq_len, nsp=cfg.nsp,
                                    short_seq_prob=cfg.short_seq_prob, heldout_fraction=cfg.heldout_fraction,
                                    seed=cfg.seed, segmenter=cfg.segmenter if cfg.whole_word_mask else "none", dist=dist)
-        train, heldout = P.PretrainingDataset(shards, "train"), P.PretrainingDataset(shards, "heldout")
-    except (P.CorpusError, P.CorpusNotFoundError):
+        train, heldout = PretrainingDataset(shards, "train"), PretrainingDataset(shards, "heldout")
+    except (CorpusError, CorpusNotFoundError):
         raise
     except (OSError, ValueError, KeyError) as e:  # the settings are checked above: the cache was damaged outside minibert
-        raise P.CorpusError(f"the preprocessed corpus under {cache_dir() / 'pretraining'} is damaged ({e}): "
-                            "delete that folder and run again, it is rebuilt from the corpus") from None
+        raise CorpusError(f"the preprocessed corpus under {cache_dir() / 'pretraining'} is damaged ({e}): "
+                          "delete that folder and run again, it is rebuilt from the corpus") from None
     if len(train) < cfg.batch_size:
         raise ValueError(f"the corpus gives {len(train)} training examples, fewer than --batch-size {cfg.batch_size}: "
                          "use more text or a smaller batch")
     return train, heldout
 
 
-def build_model(cfg: PretrainConfig, train: P.PretrainingDataset):
+def build_model(cfg: PretrainConfig, train: PretrainingDataset):
     sizes = {"num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
              "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size}
     model = PT.build_model(train.vocab_size, preset=cfg.preset, init=cfg.init,
@@ -201,14 +203,14 @@ def build_model(cfg: PretrainConfig, train: P.PretrainingDataset):
                            verbose=not cfg.resume)
     if cfg.unigram_bias_init and not cfg.init and not cfg.resume:
         with torch.no_grad():
-            model.mlm_head.bias.copy_(P.unigram_log_probs(train))
+            model.mlm_head.bias.copy_(unigram_log_probs(train))
     if not cfg.nsp:  # the NSP head (and the pooler, which only it reads) get no loss: keep them out of training
         model.nsp_head.requires_grad_(False)
         model.bert.pooler.requires_grad_(False)
     return model
 
 
-def start_run(cfg: PretrainConfig, model, train: P.PretrainingDataset, heldout: P.PretrainingDataset,
+def start_run(cfg: PretrainConfig, model, train: PretrainingDataset, heldout: PretrainingDataset,
               dist: Distributed) -> tuple[Trainer, TrainState, dict]:
     """The Trainer, the state to start from (a checkpoint's when resuming), and the run's settings, saved."""
     out_dir = Path(cfg.output_dir)
@@ -263,8 +265,8 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
         tokenizer = load_run_tokenizer(cfg)
         train, heldout = load_data(cfg, tokenizer, dist)
         tokenizer = train.tokenizer  # the shards' copy: the one trained on the corpus when none was given
-        collate = P.MaskingCollator.for_dataset(train, mask_prob=cfg.mask_prob, whole_word_mask=cfg.whole_word_mask,
-                                                seed=cfg.seed)
+        collate = MaskingCollator.for_dataset(train, mask_prob=cfg.mask_prob, whole_word_mask=cfg.whole_word_mask,
+                                              seed=cfg.seed)
         model = build_model(cfg, train)
         trainer, state, run_config = start_run(cfg, model, train, heldout, dist)
         metrics = PT.train(trainer, state, train, collate, batch_size=cfg.batch_size, heldout=heldout,

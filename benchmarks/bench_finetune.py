@@ -50,8 +50,11 @@ import transformers
 
 import bf16_emulation
 import train_finetune
-from minibert import data as D
 from minibert.assets import minilm_dir
+from minibert.data.batching import collate, eval_batches, in_original_order, train_batches
+from minibert.data.encoding import encode_examples
+from minibert.data.labels import LabelVocab
+from minibert.data.tasks import movie_reviews
 from minibert.metrics import compute_metrics
 from minibert.tokenizer import load_tokenizer
 
@@ -79,13 +82,13 @@ def transformers_finetune(cfg: train_finetune.FinetuneConfig, precision: str, sa
     precision "bf16": autocast around each forward pass, as transformers' Trainer(bf16=True) on a CPU.
     aligned: dropout off and minibert's initial classifier, so that nothing random differs."""
     torch.manual_seed(cfg.seed)
-    train, validation, test = D.movie_reviews("classification")
+    train, validation, test = movie_reviews("classification")
     if 0 < cfg.max_train_examples < len(train):  # the subset train_finetune.py draws for --max-train-examples
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(train), cfg.max_train_examples, replace=False))
         train = [train[i] for i in keep]
-    vocab = D.LabelVocab.from_examples(train, "classification")
+    vocab = LabelVocab.from_examples(train, "classification")
     tokenizer = load_tokenizer(str(minilm_dir()))
-    encode = lambda ex: D.encode_examples(tokenizer, ex, max_length=128, task_type="classification", label_vocab=vocab)  # noqa: E731
+    encode = lambda ex: encode_examples(tokenizer, ex, max_length=128, task_type="classification", label_vocab=vocab)  # noqa: E731
     train_f, val_f, test_f = encode(train), encode(validation), encode(test)
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if aligned else {}
     model = transformers.BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, **no_dropout)
@@ -96,33 +99,33 @@ def transformers_finetune(cfg: train_finetune.FinetuneConfig, precision: str, sa
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
     lengths = [len(f) for f in train_f]
-    steps_per_epoch = len(D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=0))
+    steps_per_epoch = len(train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=0))
     total = cfg.epochs * steps_per_epoch
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
 
     def evaluate(features):
         model.eval()
-        batches = D.eval_batches([len(f) for f in features], cfg.eval_batch_size)
+        batches = eval_batches([len(f) for f in features], cfg.eval_batch_size)
         outputs = []
         with torch.no_grad():
             for batch in batches:
-                inputs = D.collate([features[i] for i in batch], 0)
+                inputs = collate([features[i] for i in batch], 0)
                 inputs.pop("labels")
                 with autocast_for(precision):
                     outputs.append(model(**inputs).logits.float().numpy())
-        preds = np.stack(D.in_original_order(batches, outputs))
+        preds = np.stack(in_original_order(batches, outputs))
         return compute_metrics("classification", preds, np.array([f.label for f in features]))
 
     best, best_state, train_seconds, examples, losses = None, None, 0.0, 0, []
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        batches = (D.train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch) if same_batches
+        batches = (train_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch) if same_batches
                    else shuffled_batches(len(train_f), cfg.batch_size, cfg.seed, epoch))
         for batch in batches:
             model.train()
             with autocast_for(precision):
-                loss = model(**D.collate([train_f[i] for i in batch], 0)).loss
+                loss = model(**collate([train_f[i] for i in batch], 0)).loss
             losses.append(loss.item())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

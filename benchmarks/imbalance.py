@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import train_finetune
-from minibert import data as D
+from minibert.data.tasks import movie_reviews
 
 MINORITY = "positive"
 
@@ -59,7 +59,7 @@ def main() -> None:
 
     data_dir = Path("runs/imbalance-data")
     data_dir.mkdir(parents=True, exist_ok=True)
-    splits = dict(zip(("train", "validation", "test"), D.movie_reviews("classification")))
+    splits = dict(zip(("train", "validation", "test"), movie_reviews("classification")))
     counts = {}
     for name, examples in splits.items():
         subset = imbalanced(examples, args.ratio, seed=len(name))

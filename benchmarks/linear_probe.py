@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from minibert.data import movie_reviews
+from minibert.data.tasks import movie_reviews
 from minibert.model import BertModel
 from minibert.tokenizer import load_tokenizer
 

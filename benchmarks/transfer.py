@@ -28,9 +28,9 @@ import torch
 
 import train_finetune
 import train_pretrain
-from minibert.data import movie_reviews
+from minibert.data.tasks import movie_reviews
 from minibert.model import BertForPreTraining
-from minibert.pretraining_data import builtin_corpus_documents
+from minibert.pretraining_data.corpus import builtin_corpus_documents
 from minibert.tokenizer import load_tokenizer
 
 

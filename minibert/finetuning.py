@@ -35,10 +35,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from minibert import data as D
 from minibert.checkpoint import weight_names
 from minibert.config import BertConfig
 from minibert.crf import BertCRFForTokenClassification
+from minibert.data.batching import collate, train_batches
+from minibert.data.encoding import Features, encode_examples
+from minibert.data.examples import DataError
+from minibert.data.labels import LabelVocab
+from minibert.data.readers import infer_task_type, load_examples
+from minibert.data.tasks import load_glue, movie_reviews
 from minibert.metrics import greater_is_better
 from minibert.model import BertForSequenceClassification, BertForTokenClassification, PreTrainedBert
 from minibert.training import Distributed, Throughput, Trainer, TrainState, atomic_write_text
@@ -66,8 +71,8 @@ def hold_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
         raise ValueError(f"--validation-fraction must be between 0 and 1, got {fraction}")
     count = max(1, round(fraction * len(examples)))
     if len(examples) - count < 1:
-        raise D.DataError(f"--train-file has {len(examples)} example(s): too few to hold some out for validation; "
-                          "give a --validation-file")
+        raise DataError(f"--train-file has {len(examples)} example(s): too few to hold some out for validation; "
+                        "give a --validation-file")
     held = set(np.random.default_rng(seed).choice(len(examples), count, replace=False).tolist())
     return ([ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held])
 
@@ -95,25 +100,25 @@ def load_task_data(
     Span-annotated text (token classification) is split into words by the tokenizer and tagged in tag_scheme."""
     files = train_file or validation_file or test_file
     if task and files:
-        raise D.DataError("give either --task (GLUE) or --train-file/--validation-file, not both")
+        raise DataError("give either --task (GLUE) or --train-file/--validation-file, not both")
     if task and task.lower() not in ("movie-reviews", "movie_reviews"):  # those name the built-in default
         if not data_dir:
-            raise D.DataError(f"--task {task} needs --data-dir, the folder of the GLUE download holding its TSV files")
-        train, validation, test, spec = D.load_glue(task, data_dir)
+            raise DataError(f"--task {task} needs --data-dir, the folder of the GLUE download holding its TSV files")
+        train, validation, test, spec = load_glue(task, data_dir)
         data = TaskData(spec.task_type, train, validation, test, f"glue-{task.lower()}", spec.metrics,
                         spec.main_metric, spec.labels)
     elif files:
         if not train_file:
-            raise D.DataError("give --train-file, the labelled examples to train on (--validation-file and --test-file "
-                              "are optional)")
+            raise DataError("give --train-file, the labelled examples to train on (--validation-file and --test-file "
+                            "are optional)")
         if task_type is None:
-            task_type, reason = D.infer_task_type(train_file, text_column=text_column, label_column=label_column)
+            task_type, reason = infer_task_type(train_file, text_column=text_column, label_column=label_column)
             logger.info("minibert: treating the data as %s: %s (--task-type chooses)", task_type, reason)
         columns = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
                        tokenizer=tokenizer, tag_scheme=tag_scheme)
-        train = D.load_examples(train_file, task_type=task_type, flag="--train-file", **columns)
+        train = load_examples(train_file, task_type=task_type, flag="--train-file", **columns)
         if validation_file:
-            validation = D.load_examples(validation_file, task_type=task_type, flag="--validation-file", **columns)
+            validation = load_examples(validation_file, task_type=task_type, flag="--validation-file", **columns)
         else:
             train, validation = hold_out(train, validation_fraction, seed)
             logger.info("minibert: no --validation-file: %d of the %d training examples (--validation-fraction %g, "
@@ -121,11 +126,11 @@ def load_task_data(
                         validation_fraction)
         test = None
         if test_file:
-            test = D.load_examples(test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
+            test = load_examples(test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
         data = TaskData(task_type, train, validation, test, Path(train_file).stem)
     else:
         task_type = task_type or "classification"
-        train, validation, test = D.movie_reviews(task_type)
+        train, validation, test = movie_reviews(task_type)
         data = TaskData(task_type, train, validation, test, "movie-reviews")
     if 0 < max_train_examples < len(data.train):
         keep = np.sort(np.random.default_rng(seed).choice(len(data.train), max_train_examples, replace=False))
@@ -151,10 +156,10 @@ class TaskFeatures:
     test: list | None
 
 
-def encode_task(tokenizer, task: TaskData, vocab: D.LabelVocab | None, max_length: int) -> TaskFeatures:
+def encode_task(tokenizer, task: TaskData, vocab: LabelVocab | None, max_length: int) -> TaskFeatures:
     def encode(examples, source):
-        return D.encode_examples(tokenizer, examples, max_length=max_length, task_type=task.task_type,
-                                 label_vocab=vocab, source=source)
+        return encode_examples(tokenizer, examples, max_length=max_length, task_type=task.task_type,
+                               label_vocab=vocab, source=source)
 
     test = encode(task.test, "the test data") if task.test else None
     return TaskFeatures(encode(task.train, "the training data"), encode(task.validation, "the validation data"), test)
@@ -216,39 +221,39 @@ def check_tokenizer_fits(tokenizer, config: BertConfig, init: str, text_pairs: b
 
 
 def choose_labels(task: TaskData, init_config: BertConfig, *, init: str, init_is_classifier: bool = False,
-                  reinit_head: bool = False) -> D.LabelVocab | None:
+                  reinit_head: bool = False) -> LabelVocab | None:
     """The label vocabulary (None for regression). A classifier --init keeps its own label ids when the
     data's labels are the same set; other labels need reinit_head (--reinit-head)."""
     if task.task_type == "regression":
         if init_is_classifier and init_config.num_labels != 1 and not reinit_head:
-            raise D.DataError(
+            raise DataError(
                 f"--init {init} is a classifier with {init_config.num_labels} labels, but this is a regression "
                 "task: pass --reinit-head to train a new (one-output) head"
             )
         return None
     if task.label_order is not None:
-        vocab = D.LabelVocab(task.label_order)
+        vocab = LabelVocab(task.label_order)
     else:
-        vocab = D.LabelVocab.from_examples(task.train, task.task_type)
+        vocab = LabelVocab.from_examples(task.train, task.task_type)
     if init_is_classifier and not reinit_head:
         theirs = checkpoint_labels(init_config)
         if sorted(theirs) != sorted(vocab.labels):
-            raise D.DataError(
+            raise DataError(
                 f"--init {init} is a classifier for labels {theirs}, but the training data has labels {vocab.labels}: "
                 "pass --reinit-head to train a new head, or use data with the checkpoint's labels"
             )
         # Same labels: continue with the checkpoint's head and ids.
         logger.info("minibert: keeping the classifier head of --init %s and its label ids %s", init, dict(enumerate(theirs)))
-        vocab = D.LabelVocab(theirs)
+        vocab = LabelVocab(theirs)
     if task.task_type == "classification" and len(vocab) < 2:
-        raise D.DataError(f"the training data has one label only ({vocab.labels[0]!r}): a classifier needs examples "
-                          "of at least two labels (for a score, pass --task-type regression)")
+        raise DataError(f"the training data has one label only ({vocab.labels[0]!r}): a classifier needs examples "
+                        "of at least two labels (for a score, pass --task-type regression)")
     return vocab
 
 
 def build_model(
     task_type: str,
-    vocab: D.LabelVocab | None,
+    vocab: LabelVocab | None,
     init_dir: str | Path,
     *,
     reinit_head: bool = False,
@@ -314,8 +319,8 @@ class Schedule:
     def batches(self, lengths: Sequence[int], epoch: int, dist: Distributed, skip: int = 0) -> list[list[int]]:
         """This process's batches (example indices) of one epoch, less the first `skip`."""
         chunk_batches = 50 if self.group_by_length else 1  # sorting within one batch only leaves batches random
-        return D.train_batches(lengths, self.batch_size, seed=self.seed, epoch=epoch, rank=dist.rank,
-                               world_size=dist.world_size, skip=skip, chunk_batches=chunk_batches)
+        return train_batches(lengths, self.batch_size, seed=self.seed, epoch=epoch, rank=dist.rank,
+                             world_size=dist.world_size, skip=skip, chunk_batches=chunk_batches)
 
     def steps(self, lengths: Sequence[int], dist: Distributed) -> tuple[int, int]:
         """(optimizer steps of the run, epochs it takes to make them)."""
@@ -331,7 +336,7 @@ def write_json(path: Path, data) -> None:
 def train(
     trainer: Trainer,
     state: TrainState,
-    features: Sequence[D.Features],
+    features: Sequence[Features],
     schedule: Schedule,
     *,
     epochs: int,
@@ -386,7 +391,7 @@ def train(
         for start in range(0, len(batches), schedule.grad_accum):
             group = batches[start : start + schedule.grad_accum]
             step_start = time.perf_counter()
-            micro = [D.collate([features[i] for i in batch], pad_token_id) for batch in group]
+            micro = [collate([features[i] for i in batch], pad_token_id) for batch in group]
             result = trainer.step(micro)
             step_seconds = time.perf_counter() - step_start
             train_seconds += step_seconds

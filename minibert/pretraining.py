@@ -22,10 +22,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from minibert import pretraining_data as P
 from minibert.assets import cache_dir
 from minibert.config import PRESETS, BertConfig
 from minibert.model import BertForPreTraining
+from minibert.pretraining_data.corpus import BUILTIN_CORPUS_ID, builtin_corpus_documents, corpus_fingerprint, read_documents
+from minibert.pretraining_data.dataset import PretrainingDataset, batches, num_batches
+from minibert.pretraining_data.masking import IGNORE_INDEX, MaskingCollator
+from minibert.pretraining_data.shards import build_pretraining_shards
+from minibert.tokenizer_training import load_or_train_tokenizer
 from minibert.training import Distributed, Throughput, Trainer, TrainState
 
 logger = logging.getLogger("minibert")
@@ -58,21 +62,21 @@ def prepare_shards(
     Under DDP rank 0 builds them; the others wait and then read the cache."""
     dist = dist or Distributed()
     if data:
-        corpus_id = P.corpus_fingerprint(data, text_column=text_column, text_field=text_field)
-        documents = lambda: P.read_documents(data, text_column=text_column, text_field=text_field)  # noqa: E731
+        corpus_id = corpus_fingerprint(data, text_column=text_column, text_field=text_field)
+        documents = lambda: read_documents(data, text_column=text_column, text_field=text_field)  # noqa: E731
     else:
-        corpus_id = P.BUILTIN_CORPUS_ID
-        documents = P.builtin_corpus_documents
+        corpus_id = BUILTIN_CORPUS_ID
+        documents = builtin_corpus_documents
     settings = dict(seq_len=seq_len, nsp=nsp, short_seq_prob=short_seq_prob, heldout_fraction=heldout_fraction,
                     seed=seed, corpus_id=corpus_id, segmenter=segmenter)
     if tokenizer is None:
-        tokenizer = P.load_or_train_tokenizer(documents(), vocab_size, cache_dir() / "tokenizers", corpus_id=corpus_id)
+        tokenizer = load_or_train_tokenizer(documents(), vocab_size, cache_dir() / "tokenizers", corpus_id=corpus_id)
     out = cache_dir() / "pretraining"
     if dist.is_main:
-        shards = P.build_pretraining_shards(documents(), tokenizer, out, **settings)
+        shards = build_pretraining_shards(documents(), tokenizer, out, **settings)
     dist.barrier()
     if not dist.is_main:
-        shards = P.build_pretraining_shards(documents(), tokenizer, out, **settings)  # a cache hit now
+        shards = build_pretraining_shards(documents(), tokenizer, out, **settings)  # a cache hit now
     return shards
 
 
@@ -151,7 +155,7 @@ def pretraining_accuracies(out, batch) -> dict:
     """Share of masked positions predicted right (mlm_logits holds them in (batch, position) order), and of
     sentence pairs whose next-sentence label is right (NSP batches only)."""
     labels = batch["labels"].to(out.mlm_logits.device)
-    targets = labels[labels != P.IGNORE_INDEX]
+    targets = labels[labels != IGNORE_INDEX]
     acc = {"mlm_accuracy": (out.mlm_logits.max(-1).indices == targets).float().mean().item() if len(targets) else 0.0}
     if out.nsp_loss is not None:
         acc["nsp_accuracy"] = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"].to(out.nsp_logits.device)).float().mean().item()
@@ -165,20 +169,20 @@ def trim(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, heldout: P.PretrainingDataset, collate: P.MaskingCollator, *, batch_size: int,
+def evaluate(trainer: Trainer, heldout: PretrainingDataset, collate: MaskingCollator, *, batch_size: int,
              seed: int, max_batches: int = 0) -> dict:
     """MLM loss, perplexity, MLM accuracy and NSP accuracy on the held-out split (fixed masks), over its
     first max_batches batches (0: all of it)."""
     model = trainer.model.eval()
     sums = {"mlm_loss": 0.0, "mlm_correct": 0.0, "masked": 0, "nsp_correct": 0.0, "pairs": 0}
     collate.epoch = 0  # the same masks at every evaluation, so the numbers compare across steps
-    for i, indices in enumerate(P.batches(len(heldout), batch_size, seed=seed, epoch=0, shuffle=False, drop_last=False)):
+    for i, indices in enumerate(batches(len(heldout), batch_size, seed=seed, epoch=0, shuffle=False, drop_last=False)):
         if max_batches and i >= max_batches:
             break
         batch = trainer.to_device(trim(collate(heldout.batch(indices))))
         with trainer.autocast():
             out = model(**batch)
-        n = int((batch["labels"] != P.IGNORE_INDEX).sum())
+        n = int((batch["labels"] != IGNORE_INDEX).sum())
         sums["mlm_loss"] += out.mlm_loss.item() * n
         sums["mlm_correct"] += pretraining_accuracies(out, batch)["mlm_accuracy"] * n
         sums["masked"] += n
@@ -196,11 +200,11 @@ def evaluate(trainer: Trainer, heldout: P.PretrainingDataset, collate: P.Masking
 def train(
     trainer: Trainer,
     state: TrainState,
-    train_split: P.PretrainingDataset,
-    collate: P.MaskingCollator,
+    train_split: PretrainingDataset,
+    collate: MaskingCollator,
     *,
     batch_size: int,
-    heldout: P.PretrainingDataset | None = None,
+    heldout: PretrainingDataset | None = None,
     eval_steps: int = 250,
     eval_batches: int = 20,
     save_steps: int = 500,
@@ -216,7 +220,7 @@ def train(
     held-out metrics; stop_after_steps simulates a kill: {"stopped_at": step}."""
     dist, total_steps, grad_accum = trainer.dist, trainer.total_steps, trainer.settings.grad_accum
     micro_batch = batch_size // (dist.world_size * grad_accum)
-    steps_per_epoch = P.num_batches(len(train_split), batch_size)
+    steps_per_epoch = num_batches(len(train_split), batch_size)
     flops = flops_per_token(trainer.model.config, train_split.seq_len)
     peak = peak_flops(dist.device)
     bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and progress), desc="pretraining",
@@ -225,8 +229,8 @@ def train(
     metrics = {}
     while state.step < total_steps:
         collate.epoch = state.epoch
-        for indices in P.batches(len(train_split), batch_size, seed=seed, epoch=state.epoch, rank=dist.rank,
-                                 world_size=dist.world_size, start_step=state.batch_in_epoch):
+        for indices in batches(len(train_split), batch_size, seed=seed, epoch=state.epoch, rank=dist.rank,
+                               world_size=dist.world_size, start_step=state.batch_in_epoch):
             collate.epoch = state.epoch
             step_start = time.perf_counter()
             micro = [trim(collate(train_split.batch(indices[i : i + micro_batch])))

@@ -40,6 +40,9 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     return tokenizer
 
 
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a tokenizer train_wordpiece_tokenizer trains
+
+
 # BERT's inputs are built from these: [CLS] text [SEP] (text [SEP]), padded with [PAD]; [UNK] stands for any
 # word the vocabulary cannot spell. ([MASK] is needed for pretraining only.)
 REQUIRED_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
@@ -91,3 +94,19 @@ def tokenizer_settings(tokenizer: Tokenizer) -> dict:
         "strip_accents": normalizer.get("strip_accents"),
         "tokenize_chinese_chars": normalizer.get("handle_chinese_chars", True),
     }
+
+
+def special_token_ids(tokenizer: Tokenizer) -> list[int]:
+    """Ids of the tokenizer's special tokens ([PAD], [CLS], ...): never masked, never drawn."""
+    return sorted(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+
+
+def save_vocab(tokenizer: Tokenizer, path: str | os.PathLike) -> Path:
+    """Write ``vocab.txt`` (one token a line, line number = id), the file BertTokenizer reads."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise ValueError("the vocabulary ids are not 0..V-1, so a vocab.txt cannot represent them")
+    path = Path(path)
+    path.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    return path

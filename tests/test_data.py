@@ -9,23 +9,12 @@ import torch
 from tokenizers import Tokenizer
 
 from minibert import assets
-from minibert.data import (
-    GLUE_TASKS,
-    IGNORE_INDEX,
-    DataError,
-    Example,
-    Features,
-    LabelVocab,
-    collate,
-    encode_examples,
-    eval_batches,
-    in_original_order,
-    infer_task_type,
-    load_examples,
-    load_glue,
-    movie_reviews,
-    train_batches,
-)
+from minibert.data.batching import collate, eval_batches, in_original_order, train_batches
+from minibert.data.encoding import IGNORE_INDEX, Features, encode_examples
+from minibert.data.examples import DataError, Example
+from minibert.data.labels import LabelVocab
+from minibert.data.readers import infer_task_type, load_examples
+from minibert.data.tasks import GLUE_TASKS, load_glue, movie_reviews
 
 
 @pytest.fixture(scope="module")

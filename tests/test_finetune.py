@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import load_file
 
 import train_finetune
-from minibert.data import DataError
+from minibert.data.examples import DataError
 
 POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny"]
 NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny"]
@@ -228,7 +228,7 @@ def test_checkpoint_that_does_not_fit_its_tokenizer_or_pairs_is_a_one_line_error
 
 def test_quoted_empty_text_in_a_one_column_csv_is_an_example(tiny_init_dir, tmp_path):
     """Predictions are joined back to rows by position: a row whose text is "" must not vanish."""
-    from minibert.data import load_examples
+    from minibert.data.readers import load_examples
 
     path = tmp_path / "new.csv"
     path.write_text('text\ngood film\n""\n\nbad film\n   \n', encoding="utf-8")
@@ -392,7 +392,7 @@ def test_length_grouping_and_its_opt_out(tiny_init_dir, tmp_path):
     plain shuffle. Both see every example once an epoch."""
     import numpy as np
 
-    from minibert.data import train_batches
+    from minibert.data.batching import train_batches
 
     lengths = np.random.default_rng(0).integers(5, 100, 800)
     spread = lambda batches: np.mean([np.ptp(lengths[b]) for b in batches])  # noqa: E731

@@ -6,9 +6,9 @@ from safetensors.torch import load_file
 from test_finetune import sentiment_rows, write_csv
 
 import train_finetune
-from minibert import data as D
 from minibert import finetuning
 from minibert.config import BertConfig
+from minibert.data.batching import collate
 from minibert.tokenizer import load_tokenizer
 from minibert.training import Distributed, Trainer, TrainingSettings, TrainState, seed_everything
 
@@ -36,7 +36,7 @@ def test_the_library_steps_train_exactly_what_the_script_trains(tiny_init_dir, t
 
     def accuracy(model) -> dict:  # written out here, independent of the script's predict/score
         model.eval()
-        batch = D.collate(features.validation, tokenizer.token_to_id("[PAD]"))
+        batch = collate(features.validation, tokenizer.token_to_id("[PAD]"))
         with torch.no_grad():
             predictions = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits.argmax(-1)
         return {"accuracy": (predictions == batch["labels"]).float().mean().item()}

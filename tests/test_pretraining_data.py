@@ -1,4 +1,4 @@
-"""Tests of minibert.pretraining_data: readers, sentence splitter, tokenizer, shards, batches, masking.
+"""Tests of minibert.pretraining_data (corpus, shards, dataset, masking) and minibert.tokenizer_training.
 
 The NSP and packing tests use a synthetic corpus whose every token names its place: the word
 "d7s3p2" is document 7, sentence 3, position 2. Decoding a row back to those coordinates shows
@@ -20,27 +20,19 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import minibert.pretraining_data as pd
-from minibert.pretraining_data import (
-    IGNORE_INDEX,
-    SPECIAL_TOKENS,
+from minibert.pretraining_data.corpus import (
     CorpusError,
     CorpusNotFoundError,
-    MaskingCollator,
-    PretrainingDataset,
-    batches,
-    build_pretraining_shards,
-    continuation_mask,
+    builtin_corpus_documents,
     corpus_fingerprint,
-    example_generator,
-    load_or_train_tokenizer,
-    mask_tokens,
-    num_batches,
     read_documents,
-    save_vocab,
     split_sentences,
-    train_wordpiece_tokenizer,
 )
+from minibert.pretraining_data.dataset import PretrainingDataset, batches, num_batches, unigram_log_probs
+from minibert.pretraining_data.masking import IGNORE_INDEX, MaskingCollator, continuation_mask, example_generator, mask_tokens
+from minibert.pretraining_data.shards import build_pretraining_shards
+from minibert.tokenizer import SPECIAL_TOKENS, save_vocab
+from minibert.tokenizer_training import load_or_train_tokenizer, train_wordpiece_tokenizer
 
 PAD, UNK, CLS, SEP, MASK = range(5)  # the ids train_wordpiece_tokenizer and the synthetic tokenizer give
 
@@ -416,7 +408,7 @@ def test_shards_round_trip_cache_hit_and_atomic_write(tmp_path, monkeypatch):
         shutil.copytree(src, dst)
         real_rename(src, dst)
 
-    monkeypatch.setattr(pd.os, "rename", other_rank_wins)
+    monkeypatch.setattr(os, "rename", other_rank_wins)
     raced = build_pretraining_shards(documents, tokenizer, tmp_path / "d", **settings)
     assert (raced / "meta.json").is_file() and [p.name for p in (tmp_path / "d").iterdir()] == [raced.name]
 
@@ -610,7 +602,7 @@ def test_collator_and_dataloader_resume_exactly(tmp_path):
 
 
 def test_builtin_corpus_documents():
-    documents = list(pd.builtin_corpus_documents())
+    documents = list(builtin_corpus_documents())
     news, scenes = documents[:3824], documents[3824:]
     assert news[0][0] == "Betsy DeVos Confirmed as Education Secretary, With Pence Casting Historic Tie-Breaking Vote"
     assert 700 < len(scenes) < 900  # 38 plays of about 20 scenes
@@ -627,7 +619,7 @@ def test_unigram_log_probs_count_real_non_special_tokens(tmp_path):
     tokenizer, _ = synthetic_tokenizer(documents)
     shards = build_pretraining_shards(documents, tokenizer, tmp_path, seq_len=24, seed=1, corpus_id="synthetic-9")
     dataset = PretrainingDataset(shards)
-    log_probs = pd.unigram_log_probs(dataset, smoothing=0.5)
+    log_probs = unigram_log_probs(dataset, smoothing=0.5)
     # The hand count: every real token of every row, special tokens and padding left out.
     counts = np.zeros(dataset.vocab_size)
     for row, length in zip(dataset.arrays["input_ids"], dataset.arrays["lengths"]):
@@ -646,7 +638,7 @@ def test_shards_half_written_by_a_killed_run_are_removed_but_not_a_running_ones(
     import subprocess
     import sys
 
-    from minibert.pretraining_data import _remove_abandoned_builds
+    from minibert.pretraining_data.shards import _remove_abandoned_builds
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname()

@@ -87,14 +87,15 @@ def chinese_documents(num_docs=60, seed=0):
 
 @pytest.fixture(scope="module")
 def chinese_corpus():
-    from minibert.pretraining_data import train_wordpiece_tokenizer
+    from minibert.tokenizer_training import train_wordpiece_tokenizer
 
     documents = chinese_documents()
     return documents, train_wordpiece_tokenizer(documents, 2000)
 
 
 def segmented_shards(tmp_path, segmenter, corpus):
-    from minibert.pretraining_data import PretrainingDataset, build_pretraining_shards
+    from minibert.pretraining_data.dataset import PretrainingDataset
+    from minibert.pretraining_data.shards import build_pretraining_shards
 
     documents, tokenizer = corpus
     shards = build_pretraining_shards(documents, tokenizer, tmp_path, seq_len=64, nsp=False, heldout_fraction=0.0,
@@ -123,7 +124,7 @@ def test_whole_word_masking_masks_jieba_words_together_at_the_rate_and_80_10_10(
     import math
 
 
-    from minibert.pretraining_data import IGNORE_INDEX, MaskingCollator
+    from minibert.pretraining_data.masking import IGNORE_INDEX, MaskingCollator
 
     shards, train, tokenizer = segmented_shards(tmp_path, "jieba", chinese_corpus)
     assert json.loads((shards / "meta.json").read_text())["settings"]["segmenter"].startswith("jieba-")
@@ -159,7 +160,7 @@ def test_whole_word_masking_masks_jieba_words_together_at_the_rate_and_80_10_10(
 
 
 def test_segmenter_none_masks_characters_and_has_its_own_cache_key(tmp_path, chinese_corpus):
-    from minibert.pretraining_data import IGNORE_INDEX, MaskingCollator
+    from minibert.pretraining_data.masking import IGNORE_INDEX, MaskingCollator
 
     jieba_dir = segmented_shards(tmp_path, "jieba", chinese_corpus)[0]
     shards, train, tokenizer = segmented_shards(tmp_path, "none", chinese_corpus)
