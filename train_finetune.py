@@ -46,8 +46,9 @@ import torch
 
 from minibert import finetuning as F
 from minibert.assets import MINILM_HUB_ID
+from minibert.atomic_write import atomic_write_text, write_json
 from minibert.class_weights import class_weights, weighted_loss
-from minibert.config import BertConfig
+from minibert.config import IGNORE_INDEX, BertConfig
 from minibert.crf import CRF_FILE, BertCRFForTokenClassification
 from minibert.hub import resolve_model_dir
 from minibert.metrics import MAIN_METRIC, METRICS, compute_metrics, per_class_scores
@@ -60,7 +61,6 @@ from minibert.training import (
     Trainer,
     TrainingSettings,
     TrainState,
-    atomic_write_text,
     check_attention_backend,
     check_counts,
     check_layer_lr_decay,
@@ -251,7 +251,7 @@ def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeat
     state = trainer.resume() if cfg.resume else TrainState()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        F.write_json(out_dir / "finetune_config.json", run_config)
+        write_json(out_dir / "finetune_config.json", run_config)
         if not cfg.resume:
             remove_earlier_results(out_dir, RESULT_FILES)
         logger.info("minibert: %s, %s: %d train / %d validation / %s test examples, %d steps of %d x %d x %d",
@@ -284,7 +284,7 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
     model, dist = trainer.model, trainer.dist
     results = {"eval": None, "test": None, "output_dir": str(out_dir), "train": train_stats}
     if dist.is_main:
-        F.write_json(out_dir / "train_results.json", train_stats)
+        write_json(out_dir / "train_results.json", train_stats)
         if state.best_step is None:  # a resumed run that had nothing left to do
             model.save_pretrained(out_dir, tokenizer=tokenizer)
         best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
@@ -304,7 +304,7 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
                 results["test"] = score(task, outputs, features.test, vocab, decoding)
                 logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
                 results["test"]["per_class"] = per_class(task, outputs, features.test, vocab, decoding)
-                F.write_json(out_dir / "test_results.json", results["test"])
+                write_json(out_dir / "test_results.json", results["test"])
         plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", (run.main_metric,))
         trainer.remove_checkpoints()
         logger.info("minibert: best %s %.4f (step %s); model in %s", run.main_metric,
@@ -483,7 +483,7 @@ def predict_only(cfg: FinetuneConfig) -> dict:
         results["test"] = score(task, outputs, features, vocab, decoding)
         logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
         results["test"]["per_class"] = per_class(task, outputs, features, vocab, decoding)
-        F.write_json(out_dir / "test_results.json", results["test"])
+        write_json(out_dir / "test_results.json", results["test"])
     return results
 
 
@@ -521,7 +521,7 @@ def keep_tuned_thresholds(model, task: F.TaskData, val_features, vocab, eval_res
                 ", ".join(f"{k} {v:.4f}" for k, v in tuned.items()))
     eval_results = {**(eval_results or {}), THRESHOLDS_KEY: thresholds, "at_tuned_thresholds": {
         **tuned, "per_class": per_class(task, outputs, val_features, vocab, decoding)}}
-    F.write_json(out_dir / "eval_results.json", eval_results)
+    write_json(out_dir / "eval_results.json", eval_results)
     return eval_results
 
 

@@ -28,7 +28,6 @@ checkpoint/ every --save-steps (for --resume).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from minibert import pretraining as PT
 from minibert.assets import cache_dir
+from minibert.atomic_write import write_json
 from minibert.config import BertConfig
 from minibert.hub import resolve_model_dir
 from minibert.pretraining_data.corpus import CorpusError, CorpusNotFoundError
@@ -49,7 +49,6 @@ from minibert.training import (
     Trainer,
     TrainingSettings,
     TrainState,
-    atomic_write_text,
     check_attention_backend,
     check_counts,
     find_checkpoint,
@@ -226,7 +225,7 @@ def start_run(cfg: PretrainConfig, model, train: PretrainingDataset, heldout: Pr
     state = trainer.resume() if cfg.resume else TrainState()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "pretrain_config.json", json.dumps(run_config, indent=2) + "\n")
+        write_json(out_dir / "pretrain_config.json", run_config)
         if not cfg.resume:
             remove_earlier_results(out_dir, RESULT_FILES)
         n_params = sum(p.numel() for p in model.parameters())

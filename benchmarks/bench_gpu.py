@@ -26,6 +26,7 @@ import torch
 import transformers
 
 import minibert
+from minibert.config import IGNORE_INDEX
 from minibert.kernels import flash_attention
 from minibert.pretraining import flops_per_token
 
@@ -146,7 +147,7 @@ def bench_pretrain(device, sizes, batch, seq_len, steps) -> dict:
     model = minibert.BertForPreTraining(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(1000, cfg.vocab_size, (batch, seq_len), device=device)
-    labels = torch.where(torch.rand(batch, seq_len, device=device) < 0.15, ids, -100)
+    labels = torch.where(torch.rand(batch, seq_len, device=device) < 0.15, ids, IGNORE_INDEX)
     nsp = torch.randint(0, 2, (batch,), device=device)
 
     def step():

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from minibert.atomic_write import atomic_write
 from minibert.config import BertConfig
 from minibert.hub import WEIGHT_FILES, resolve_model_dir
 from minibert.model import CHECKPOINT_IO
-from minibert.tokenizer import tokenizer_settings
+from minibert.tokenizer import save_tokenizer
 
 logger = logging.getLogger("minibert")
 
@@ -58,8 +57,9 @@ HEAD_MODULES = {
     "classifier": "classifier",
 }
 
-# minibert weights that are another weight under a second name (the MLM decoder is the embedding matrix).
-TIED_KEYS = {"mlm_head.word_embeddings.weight": "bert.embeddings.word.weight"}
+# minibert weights that are another weight under a second name: the MLM decoder is the embedding matrix,
+# bert.embeddings.word.weight. They are neither loaded nor saved; the weight they share is.
+TIED_KEYS = ("mlm_head.word_embeddings.weight",)
 
 # Weights a task model may create when its checkpoint lacks them: a new head, or the pooler of a
 # checkpoint saved without one. Anything else missing means the checkpoint is not what it claims to be.
@@ -270,28 +270,6 @@ def load_pretrained(cls, name_or_path, *, reinit_head: bool = False, verbose: bo
 # ----------------------------------------------------------------------------- saving
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_NEW_FILE_MODE = _default_file_mode()  # what open() would give a new file: 0o644 under the usual umask
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename: a killed save never leaves a half-written file under the real name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp makes files only their owner can read; a model is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_pretrained(model, directory, tokenizer=None) -> None:
     from safetensors.torch import save_file
 
@@ -315,27 +293,8 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
         config = config.replace(id2label={i: f"LABEL_{i}" for i in range(config.num_labels)})
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory, model_max_length=config.max_position_embeddings)
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp, **more))
-
-
-def save_tokenizer(tokenizer, directory: Path, model_max_length: int = 512) -> None:
-    """tokenizer.json for `tokenizers`, and vocab.txt + tokenizer_config.json for transformers' BertTokenizer."""
-    settings = tokenizer_settings(tokenizer)
-    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
-    config = {
-        "tokenizer_class": "BertTokenizer",
-        "do_lower_case": settings["lowercase"],
-        "strip_accents": settings["strip_accents"],
-        "tokenize_chinese_chars": settings["tokenize_chinese_chars"],
-        "model_max_length": model_max_length,
-        **specials,
-    }
-    _atomic_write(directory / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
-    _atomic_write(directory / "vocab.txt", lambda tmp: Path(tmp).write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8"))
-    _atomic_write(directory / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    _atomic_write(directory / "special_tokens_map.json", lambda tmp: Path(tmp).write_text(json.dumps(specials, indent=2) + "\n"))
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / "config.json", lambda tmp: config.to_json_file(tmp, **more))
 
 
 # BertModel.from_pretrained / .save_pretrained call these (model.py explains why through this table).

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minibert.config import IGNORE_INDEX
+
 TASK_TYPES = ("classification", "multilabel", "token-classification")
-IGNORE_INDEX = -100  # the label of positions without a tag, as in minibert.data
 
 
 class ClassWeightsError(ValueError):

@@ -95,15 +95,13 @@ class BertConfig:
             raise ValueError(f"id2label names {len(self.id2label)} labels but num_labels is {self.num_labels}: give "
                              "one name per classifier output (or id2label=None for unnamed labels)")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     @classmethod
     def preset(cls, name: str, **overrides) -> "BertConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         sizes = dict(PRESETS[name])
+        if "hidden_size" in overrides:  # another width: the preset's heads and feed-forward size were for its own
+            sizes = {k: v for k, v in sizes.items() if k not in ("num_attention_heads", "intermediate_size")}
         hidden = overrides.get("hidden_size", sizes["hidden_size"])
         sizes.setdefault("num_attention_heads", max(1, hidden // 64))
         sizes.setdefault("intermediate_size", 4 * hidden)

@@ -19,7 +19,6 @@ CRF's transitions (L, L), start_transitions (L,) and end_transitions (L,).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -27,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torchcrf import CRF
 
-from minibert.config import BertConfig
+from minibert.atomic_write import atomic_write
+from minibert.config import IGNORE_INDEX, BertConfig
 from minibert.hub import resolve_model_dir
 from minibert.model import BertForTokenClassification, ClassifierOutput
 from minibert.tagging import CRFWeights
@@ -48,7 +48,7 @@ def first_pieces(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor
     tags (B', W) and mask (B', W) bool, W = the most tagged positions in a row; rows without any
     tag (B - B' of them) are left out. Masked tags are 0, a valid index for pytorch-crf.
     """
-    tagged = labels != -100
+    tagged = labels != IGNORE_INDEX
     keep = tagged.any(dim=1)
     logits, labels, tagged = logits[keep], labels[keep], tagged[keep]
     width = int(tagged.sum(dim=1).max()) if len(tagged) else 0
@@ -97,10 +97,8 @@ class BertCRFForTokenClassification(BertForTokenClassification):
     def save_pretrained(self, directory, tokenizer=None) -> None:
         """The plain token classifier transformers loads, and crf.safetensors beside it."""
         super().save_pretrained(directory, tokenizer=tokenizer)
-        path = Path(directory) / CRF_FILE
-        tmp = path.with_name(f".{CRF_FILE}.tmp")  # then a rename: a killed save leaves no half-written file
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.crf.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.crf.state_dict().items()}
+        atomic_write(Path(directory) / CRF_FILE, lambda tmp: save_file(tensors, tmp))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, reinit_head: bool = False, verbose: bool = True, **config_overrides):

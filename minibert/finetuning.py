@@ -23,7 +23,6 @@ when the data has the same labels; other labels need reinit_head.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from minibert.atomic_write import write_json
 from minibert.checkpoint import weight_names
 from minibert.config import BertConfig
 from minibert.crf import BertCRFForTokenClassification
@@ -46,7 +46,7 @@ from minibert.data.readers import infer_task_type, load_examples
 from minibert.data.tasks import load_glue, movie_reviews
 from minibert.metrics import greater_is_better
 from minibert.model import BertForSequenceClassification, BertForTokenClassification, PreTrainedBert
-from minibert.training import Distributed, Throughput, Trainer, TrainState, atomic_write_text
+from minibert.training import Distributed, Throughput, Trainer, TrainState
 
 logger = logging.getLogger("minibert")
 
@@ -327,10 +327,6 @@ class Schedule:
         steps_per_epoch = math.ceil(len(self.batches(lengths, 0, dist)) / self.grad_accum)
         total_steps = self.max_steps or self.epochs * steps_per_epoch
         return total_steps, math.ceil(total_steps / steps_per_epoch)
-
-
-def write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def train(

@@ -38,12 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from minibert.checkpoint import (
-    _atomic_write,
-    _load_file,
-    hf_to_minibert_key,
-    minibert_to_hf_key,
-)
+from minibert.atomic_write import atomic_write
+from minibert.checkpoint import _load_file, hf_to_minibert_key, minibert_to_hf_key
 from minibert.config import BertConfig
 from minibert.model import BertForSequenceClassification, BertForTokenClassification
 
@@ -253,9 +249,9 @@ class LoraModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = self.adapter_state_dict()
-        _atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         text = json.dumps(self.adapter_config(), indent=2) + "\n"
-        _atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return sum((directory / name).stat().st_size for name in ("adapter_model.safetensors", "adapter_config.json"))
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:

@@ -39,6 +39,8 @@ from seqeval.metrics import precision_score as entity_precision
 from seqeval.metrics import recall_score as entity_recall
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error, precision_recall_fscore_support
 
+from minibert.config import IGNORE_INDEX
+
 METRICS = {  # every metric of each task type, all reported by default
     "classification": ("accuracy", "f1", "mcc"),
     "regression": ("pearson", "spearman", "mse"),
@@ -192,7 +194,7 @@ def _tag_sequences(predictions, references, id2label: dict[int, str]) -> tuple[l
         predicted, reference = np.asarray(predicted).reshape(-1), np.asarray(reference).reshape(-1)
         if len(predicted) != len(reference):
             raise ValueError(f"sentence {i}: {len(predicted)} predicted tags for {len(reference)} references")
-        kept = reference != -100
+        kept = reference != IGNORE_INDEX
         predicted_tags.append([id2label[int(tag)] for tag in predicted[kept]])
         reference_tags.append([id2label[int(tag)] for tag in reference[kept]])
     return predicted_tags, reference_tags

@@ -23,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from minibert.assets import cache_dir
-from minibert.config import PRESETS, BertConfig
+from minibert.config import IGNORE_INDEX, PRESETS, BertConfig
 from minibert.model import BertForPreTraining
 from minibert.pretraining_data.corpus import BUILTIN_CORPUS_ID, builtin_corpus_documents, corpus_fingerprint, read_documents
 from minibert.pretraining_data.dataset import PretrainingDataset, batches, num_batches
-from minibert.pretraining_data.masking import IGNORE_INDEX, MaskingCollator
+from minibert.pretraining_data.masking import MaskingCollator
 from minibert.pretraining_data.shards import build_pretraining_shards
 from minibert.tokenizer_training import load_or_train_tokenizer
 from minibert.training import Distributed, Throughput, Trainer, TrainState

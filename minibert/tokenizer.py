@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from minibert.atomic_write import atomic_write, atomic_write_text
 from minibert.hub import resolve_model_dir
 
 
@@ -45,7 +46,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a
 
 # BERT's inputs are built from these: [CLS] text [SEP] (text [SEP]), padded with [PAD]; [UNK] stands for any
 # word the vocabulary cannot spell. ([MASK] is needed for pretraining only.)
-REQUIRED_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[UNK]")
+REQUIRED_SPECIAL_TOKENS = tuple(token for token in SPECIAL_TOKENS if token != "[MASK]")
 
 
 def check_special_tokens(tokenizer: Tokenizer, source, needed=REQUIRED_SPECIAL_TOKENS) -> None:
@@ -58,19 +59,33 @@ def check_special_tokens(tokenizer: Tokenizer, source, needed=REQUIRED_SPECIAL_T
         )
 
 
-def bert_wordpiece_tokenizer(vocab_file, *, lowercase=True, strip_accents=None, tokenize_chinese_chars=True) -> Tokenizer:
-    vocab = {}
-    for index, line in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines()):
-        vocab.setdefault(line.rstrip("\n"), index)
-    missing = [token for token in REQUIRED_SPECIAL_TOKENS if token not in vocab]
-    if missing:
-        raise ValueError(f"{vocab_file} has no {', '.join(missing)}: it is not a BERT WordPiece vocabulary (one token "
-                         "a line, with [PAD], [UNK], [CLS], [SEP] and [MASK]); use the BERT checkpoint's own vocab.txt")
-    tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+def bert_text_splitting(tokenizer: Tokenizer, *, lowercase=True, strip_accents=None, tokenize_chinese_chars=True) -> Tokenizer:
+    """Give `tokenizer` BERT's normalizer (control characters removed, CJK characters spaced out, lower case
+    and no accents when lowercase; strip_accents=None follows lowercase) and pre-tokenizer (words split at
+    whitespace and punctuation): what a WordPiece vocabulary is read with, and trained on."""
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=tokenize_chinese_chars, strip_accents=strip_accents, lowercase=lowercase
     )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tokenizer
+
+
+def bert_wordpiece_tokenizer(vocab: str | os.PathLike | dict[str, int], *, lowercase=True, strip_accents=None,
+                             tokenize_chinese_chars=True) -> Tokenizer:
+    """BERT's tokenizer of a WordPiece vocabulary (a vocab.txt, or token -> id), built exactly as
+    transformers' BertTokenizerFast builds it: [CLS] A [SEP] (B [SEP]) with token types 0 (then 1)."""
+    source = "the vocabulary"
+    if not isinstance(vocab, dict):
+        source, vocab_file, vocab = vocab, vocab, {}
+        for index, line in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines()):
+            vocab.setdefault(line.rstrip("\n"), index)
+    missing = [token for token in REQUIRED_SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise ValueError(f"{source} has no {', '.join(missing)}: it is not a BERT WordPiece vocabulary (one token "
+                         "a line, with [PAD], [UNK], [CLS], [SEP] and [MASK]); use the BERT checkpoint's own vocab.txt")
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    bert_text_splitting(tokenizer, lowercase=lowercase, strip_accents=strip_accents,
+                        tokenize_chinese_chars=tokenize_chinese_chars)
     cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",
@@ -78,9 +93,7 @@ def bert_wordpiece_tokenizer(vocab_file, *, lowercase=True, strip_accents=None, 
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"):
-        if token in vocab:
-            tokenizer.add_special_tokens([token])
+    tokenizer.add_special_tokens([token for token in SPECIAL_TOKENS if token in vocab])
     return tokenizer
 
 
@@ -110,3 +123,22 @@ def save_vocab(tokenizer: Tokenizer, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
     return path
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike, model_max_length: int = 512) -> None:
+    """tokenizer.json for `tokenizers`, and vocab.txt + tokenizer_config.json for transformers' BertTokenizer."""
+    directory = Path(directory)
+    settings = tokenizer_settings(tokenizer)
+    specials = {f"{token.strip('[]').lower()}_token": token for token in SPECIAL_TOKENS}  # unk_token: [UNK], ...
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": settings["lowercase"],
+        "strip_accents": settings["strip_accents"],
+        "tokenize_chinese_chars": settings["tokenize_chinese_chars"],
+        "model_max_length": model_max_length,
+        **specials,
+    }
+    atomic_write(directory / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
+    atomic_write(directory / "vocab.txt", lambda tmp: save_vocab(tokenizer, tmp))
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(directory / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")

@@ -11,10 +11,10 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, trainers
 
 from minibert.pretraining_data.corpus import documents_fingerprint
-from minibert.tokenizer import SPECIAL_TOKENS
+from minibert.tokenizer import SPECIAL_TOKENS, bert_text_splitting, bert_wordpiece_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,7 @@ def train_wordpiece_tokenizer(
     [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. Encoding a pair gives
     ``[CLS] A [SEP] B [SEP]`` with type ids 0 then 1; padding and truncation are off.
     """
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    tokenizer.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = bert_text_splitting(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase=lowercase)
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
@@ -60,13 +55,8 @@ def train_wordpiece_tokenizer(
         logger.info("minibert: the corpus gives a vocabulary of %d word pieces, fewer than --vocab-size %d "
                     "(pieces must occur at least twice); the model is sized to %d", tokenizer.get_vocab_size(),
                     vocab_size, tokenizer.get_vocab_size())
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return tokenizer
+    # The trained vocabulary in the tokenizer every BERT vocabulary gets (post-processor, decoder, special tokens).
+    return bert_wordpiece_tokenizer(tokenizer.get_vocab(with_added_tokens=True), lowercase=lowercase)
 
 
 def load_or_train_tokenizer(

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from minibert.atomic_write import atomic_write_text
 from minibert.embedding_grad import keep_embedding_gradients
 
 # ----------------------------------------------------------------------------- command lines
@@ -249,13 +250,6 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
 
 
 # ----------------------------------------------------------------------------- the trainer
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -469,8 +463,7 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-# Names of the temporary files of atomic writes: ".model.safetensors.x1y2.tmp" (checkpoint._atomic_write,
-# atomic_write_text) and ".tmpx1y2" (safetensors' own, inside that). A killed save can leave them behind.
+# Names of the temporary files of atomic writes: ".model.safetensors.x1y2.tmp" (minibert.atomic_write) and ".tmpx1y2" (safetensors' own, inside that). A killed save can leave them behind.
 _TEMPORARY_NAME = re.compile(r"\..+\.tmp|\.tmp\w+")
 
 

@@ -238,6 +238,11 @@ def test_presets():
         patch.setitem(PRESETS, "micro", dict(num_hidden_layers=1, hidden_size=48, num_attention_heads=4))
         c = BertConfig.preset("micro")
         assert (c.num_attention_heads, c.intermediate_size) == (4, 192)
+        # Another width: heads and feed-forward follow it, not the preset's numbers for its own width.
+        c = BertConfig.preset("micro", hidden_size=192)
+        assert (c.num_attention_heads, c.intermediate_size) == (3, 768)
+        c = BertConfig.preset("micro", hidden_size=192, num_attention_heads=6)
+        assert (c.num_attention_heads, c.intermediate_size) == (6, 768)
     assert BertConfig.preset("tiny", hidden_size=32).num_attention_heads == 1
 
 

@@ -9,8 +9,9 @@ import torch
 from tokenizers import Tokenizer
 
 from minibert import assets
+from minibert.config import IGNORE_INDEX
 from minibert.data.batching import collate, eval_batches, in_original_order, train_batches
-from minibert.data.encoding import IGNORE_INDEX, Features, encode_examples
+from minibert.data.encoding import Features, encode_examples
 from minibert.data.examples import DataError, Example
 from minibert.data.labels import LabelVocab
 from minibert.data.readers import infer_task_type, load_examples
@@ -312,7 +313,7 @@ def test_label_vocab_sorts_integers_numerically_and_strings_alphabetically():
     names = LabelVocab.from_examples(
         [Example("a", None, label) for label in ["positive", "negative"]], "classification"
     )
-    assert names.id2label == {"0": "negative", "1": "positive"}
+    assert names.labels == ["negative", "positive"]
     assert names.label2id == {"negative": 0, "positive": 1}
     tags = LabelVocab.from_examples(
         [Example(["a", "b"], None, ["O", "B-PER"]), Example(["c"], None, ["I-PER"])], "token-classification"
@@ -337,14 +338,6 @@ def test_json_number_labels_are_named_by_value(tmp_path):
     assert [ex.label for ex in examples] == ["1", "0.25", "2"]  # 1.0 is the class "1" (see _class_label)
     csv_path = write(tmp_path, "train.csv", "text,label\na,1.0\n")
     assert load_examples(csv_path, task_type="classification")[0].label == "1.0"  # a cell keeps its spelling
-
-
-def test_label_vocab_from_id2label_keeps_ids():
-    vocab = LabelVocab.from_id2label({"1": "pos", "0": "neg", "2": "neutral"})
-    assert vocab.labels == ["neg", "pos", "neutral"]
-    assert LabelVocab.from_id2label({0: "neg", 1: "pos"}).id2label == {"0": "neg", "1": "pos"}
-    with pytest.raises(ValueError, match="ids must be 0..1"):
-        LabelVocab.from_id2label({0: "neg", 2: "pos"})
 
 
 def test_unseen_labels_are_all_named_with_the_file():

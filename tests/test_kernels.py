@@ -20,17 +20,70 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from minibert.kernels import (  # noqa: E402
-    NO_DEVICE_MESSAGE,
-    dropout_mask_for_testing,
-    flash_attention,
-    triton_available,
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from minibert.kernels import NO_DEVICE_MESSAGE, flash_attention, triton_available  # noqa: E402
+from minibert.kernels.flash_attention import (  # noqa: E402
+    _PER_CALL_INTS,
+    _draw_seed,
+    _keep_entry,
+    _on_tensors_device,
+    _sequence,
+    _to_unpadded,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # absolute slack on top of the 2x budget, by dtype
 BUDGET_ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+# ----------------------------------------------------------------------------- the dropout mask, for the tests
+# The kernels draw their dropout decisions from _keep_entry (Philox on the entry's index) and never store
+# them; this kernel writes the same decisions out, so that a test can apply them in a plain attention.
+
+
+@triton.jit(do_not_specialize=_PER_CALL_INTS)
+def _dropout_mask_kernel(
+    KEEP, CU_SEQLENS, stride_kb, stride_kh, stride_km, total_tokens, max_seqlen, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Writes the keep-flags the attention kernels use. Grid (query blocks, batch, heads)."""
+    batch = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start, seqlen = _sequence(CU_SEQLENS, batch)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    KEEP += batch.to(tl.int64) * stride_kb + head * stride_kh
+    for start_n in range(0, seqlen, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _keep_entry(seed, head, seq_start + rows[:, None], cols[None, :], total_tokens, max_seqlen, dropout_p)
+        inside = (rows < seqlen)[:, None] & (cols < seqlen)[None, :]
+        tl.store(KEEP + rows[:, None] * stride_km + cols[None, :], keep.to(tl.int8), mask=inside)
+
+
+def dropout_keep_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout_p, generator=None):
+    """The keep-mask flash_attention(q, ..., dropout_p=dropout_p) uses when called with the
+    generator in the same state (draw the mask, reset the seed, call the attention).
+
+    q as for flash_attention (only its shape and device are used). Returns bool
+    (batch, heads, max_seqlen, max_seqlen), True where an attention probability is kept; entry
+    [b, h, i, j] is query i and key j of sequence b, False outside the sequence.
+    """
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in (0, 1), got {dropout_p}")
+    q, _, _, cu_seqlens, max_seqlen, _ = _to_unpadded(q, q, q, cu_seqlens, max_seqlen, None)  # q: (total, nh, hs)
+    total_tokens, heads, _ = q.shape
+    batch = cu_seqlens.numel() - 1
+    keep = torch.zeros((batch, heads, max_seqlen, max_seqlen), dtype=torch.int8, device=q.device)
+    seed = _draw_seed(dropout_p, generator)
+    block = 32
+    with _on_tensors_device(q):
+        _dropout_mask_kernel[(triton.cdiv(max_seqlen, block), batch, heads)](
+            keep, cu_seqlens, keep.stride(0), keep.stride(1), keep.stride(2), total_tokens, max_seqlen,
+            float(dropout_p), seed, BLOCK_M=block, BLOCK_N=block,
+        )
+    return keep.bool()
 
 
 def attention_reference(q, k, v, cu_seqlens=None, key_padding_mask=None, dropout_mask=None, dropout_p=0.0,
@@ -182,7 +235,7 @@ def test_dropout_forward_and_backward_use_the_regenerated_mask():
     cu_seqlens = torch.tensor([0, 13, 14, 21], dtype=torch.int32, device=DEVICE)
     q, k, v = random_qkv((21, 2, 32), torch.float32)
     torch.manual_seed(1234)  # the seed check_forward_backward runs the kernel with
-    keep = dropout_mask_for_testing(q, cu_seqlens=cu_seqlens, max_seqlen=13, dropout_p=0.3)
+    keep = dropout_keep_mask(q, cu_seqlens=cu_seqlens, max_seqlen=13, dropout_p=0.3)
     assert keep.shape == (3, 2, 13, 13)
     assert not keep[1, :, 1:].any() and not keep[1, :, :, 1:].any()  # nothing outside the 1-token sequence
     check_forward_backward(q, k, v, dropout_mask=keep, dropout_p=0.3, cu_seqlens=cu_seqlens, max_seqlen=13)
@@ -192,7 +245,7 @@ def test_dropout_padded_layout_uses_the_regenerated_mask():
     key_padding_mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3], device=DEVICE)
     q, k, v = random_qkv((2, 7, 2, 32), torch.float16)
     torch.manual_seed(1234)
-    keep = dropout_mask_for_testing(q, dropout_p=0.2)
+    keep = dropout_keep_mask(q, dropout_p=0.2)
     check_forward_backward(q, k, v, dropout_mask=keep, dropout_p=0.2, key_padding_mask=key_padding_mask)
 
 
@@ -213,7 +266,7 @@ def test_dropout_is_reproducible_from_the_torch_seed():
 
 def test_dropout_kept_fraction():
     q = torch.empty(2, 64, 2, 32, device=DEVICE)
-    keep = dropout_mask_for_testing(q, dropout_p=0.25)  # (2, 2, 64, 64): 16384 draws, std of the mean 0.0034
+    keep = dropout_keep_mask(q, dropout_p=0.25)  # (2, 2, 64, 64): 16384 draws, std of the mean 0.0034
     assert abs(keep.float().mean().item() - 0.75) < 0.02
     assert not torch.equal(keep[:, 0], keep[:, 1])  # heads draw different masks
     assert abs(keep[..., 0::2].float().mean().item() - keep[..., 1::2].float().mean().item()) < 0.03
@@ -308,5 +361,5 @@ def test_gpu_padded_with_dropout(dtype):
     key_padding_mask = torch.arange(128, device=DEVICE)[None, :] < torch.tensor([[128], [77], [3]], device=DEVICE)
     q, k, v = random_qkv((3, 128, 12, 64), dtype)
     torch.manual_seed(1234)
-    keep = dropout_mask_for_testing(q, dropout_p=0.1)
+    keep = dropout_keep_mask(q, dropout_p=0.1)
     check_forward_backward(q, k, v, dropout_mask=keep, dropout_p=0.1, key_padding_mask=key_padding_mask)

@@ -29,7 +29,8 @@ from minibert.pretraining_data.corpus import (
     split_sentences,
 )
 from minibert.pretraining_data.dataset import PretrainingDataset, batches, num_batches, unigram_log_probs
-from minibert.pretraining_data.masking import IGNORE_INDEX, MaskingCollator, continuation_mask, example_generator, mask_tokens
+from minibert.config import IGNORE_INDEX
+from minibert.pretraining_data.masking import MaskingCollator, continuation_mask, example_generator, mask_tokens
 from minibert.pretraining_data.shards import build_pretraining_shards
 from minibert.tokenizer import SPECIAL_TOKENS, save_vocab
 from minibert.tokenizer_training import load_or_train_tokenizer, train_wordpiece_tokenizer

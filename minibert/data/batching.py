@@ -7,7 +7,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from minibert.data.encoding import IGNORE_INDEX, Features
+from minibert.config import IGNORE_INDEX
+from minibert.data.encoding import Features
 from minibert.data.examples import DataError
 
 

@@ -10,13 +10,12 @@ from itertools import chain
 import numpy as np
 from tokenizers import Tokenizer
 
+from minibert.config import IGNORE_INDEX
 from minibert.data.examples import DataError, Example, check_task_type
 from minibert.data.labels import LabelVocab, label_lists
+from minibert.tokenizer import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of the tokens that take no loss: special tokens and non-first word pieces
-
 
 @dataclass(slots=True)
 class Features:
@@ -120,7 +119,7 @@ def encode_examples(
     elif truncated:
         logger.info("%d of %d examples in %s were truncated to %d tokens", truncated, len(examples), source, max_length)
     unk_id = tok.token_to_id("[UNK]")
-    special_ids = {tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
+    special_ids = {tok.token_to_id(t) for t in SPECIAL_TOKENS if t != "[UNK]"}
     counts = np.bincount(np.concatenate([f.input_ids for f in features]), minlength=tok.get_vocab_size())
     words = counts.sum() - sum(counts[i] for i in special_ids if i is not None and i < len(counts))
     if unk_id is not None and words and counts[unk_id] > 0.5 * words:  # a tokenizer whose vocabulary failed to load

@@ -8,7 +8,7 @@ their own numbers as ids; "2.0" before "10.0"), anything else alphabetically.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain
 
 from minibert.data.examples import DEFAULT_TASK, DataError, Example
@@ -106,8 +106,8 @@ def label_lists(examples: Sequence[Example], task_type: str) -> list[list[str]]:
 class LabelVocab:
     """Class names <-> ids for classification, multilabel and token classification.
 
-    Built from the training data only (from_examples, ids in sorted order), or from the id2label of a
-    checkpoint that already is a classifier (from_id2label), so that its ids keep their meaning.
+    Built from the training data only (from_examples, ids in sorted order), or from the labels of a
+    checkpoint that already is a classifier, in its id order, so that its ids keep their meaning.
     """
 
     def __init__(self, labels: Sequence[str]):
@@ -123,19 +123,6 @@ class LabelVocab:
         if task_type not in ("classification", "multilabel", "token-classification"):
             raise ValueError(f"{task_type} has no class labels")
         return cls(_sorted_labels(chain.from_iterable(label_lists(examples, task_type))))
-
-    @classmethod
-    def from_id2label(cls, id2label: Mapping[int | str, str]) -> LabelVocab:
-        """From a config's id2label, whose keys are ints or (as in config.json) strings."""
-        by_id = {int(i): label for i, label in id2label.items()}
-        if sorted(by_id) != list(range(len(by_id))):
-            raise ValueError(f"id2label ids must be 0..{len(by_id) - 1}, found {sorted(by_id)}")
-        return cls([by_id[i] for i in range(len(by_id))])
-
-    @property
-    def id2label(self) -> dict[str, str]:
-        """{"0": name, ...}: string keys, as a Hugging Face config.json stores them."""
-        return {str(i): label for i, label in enumerate(self.labels)}
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -20,10 +20,8 @@ File formats, told by the extension:
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from tokenizers import Tokenizer
 from minibert import spans
 from minibert.data.examples import DEFAULT_TASK, DataError, Example, check_task_type
 from minibert.data.labels import class_label, labels_task_type, parse_label
+from minibert.text_files import csv_rows, json_values, utf8_lines
 
 logger = logging.getLogger(__name__)
 
@@ -43,36 +42,12 @@ CONLL_SUFFIXES = (".conll", ".iob", ".bio")  # surely CoNLL (token classificatio
 # Lines, rows and records
 
 
-def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield (line number, line with its ending) of a UTF-8 file; a byte that is not UTF-8 is a DataError."""
-    offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                utf8_path = path.with_name(f"{path.stem}.utf8{path.suffix}")
-                if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # the byte order marks of UTF-16
-                    raise DataError(
-                        f"{path} is UTF-16 (it starts with a UTF-16 byte order mark), not UTF-8; re-encode it: "
-                        f"`iconv -f UTF-16 -t UTF-8 {path} > {utf8_path}`"
-                    ) from None
-                raise DataError(
-                    f"{path} is not UTF-8: line {lineno}, byte {offset + e.start} is "
-                    f"{raw[e.start : e.start + 1]!r}; re-encode it, e.g. "
-                    f"`iconv -f WINDOWS-1252 -t UTF-8 {path} > {utf8_path}` "
-                    f"(naming the file's real encoding)"
-                ) from None
-            offset += len(raw)
-            yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line  # a BOM, as Excel writes
-
-
 def _table_rows(path: Path, column_names: Sequence[str] | None) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """The header and the (line number, cells) rows of a .csv or .tsv file; blank and whitespace-only
     lines are skipped, but not a quoted empty text ("" in a one-column CSV): that is an example."""
-    lines = utf8_lines(path)
-    if path.suffix.lower() == ".csv":  # the csv module reads a blank line as [] and "" as ['']
-        rows = _csv_rows(path, (line for _, line in lines))
+    lines = utf8_lines(path, error=DataError)
+    if path.suffix.lower() == ".csv":  # csv_rows reads a blank line as [] and "" as ['']
+        rows = csv_rows(path, (line for _, line in lines), error=DataError)
         rows = ((n, cells) for n, cells in rows if len(cells) > 1 or cells == [""] or "".join(cells).strip())
     else:  # TSV: tabs only, no quoting (see the module docstring)
         rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in lines)
@@ -85,68 +60,19 @@ def _table_rows(path: Path, column_names: Sequence[str] | None) -> tuple[list[st
     return [name.strip() for name in header], rows
 
 
-def _csv_rows(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
-    reader = csv.reader(lines)
-    try:
-        for cells in reader:
-            yield reader.line_num, cells
-    except csv.Error as e:
-        raise DataError(f"{path} line {reader.line_num}: {e} (a quote that is never closed?)") from None
-
-
 def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
-    """("line N", object) for JSON Lines, or ("record N", object) for a .json file holding one array
-    (or one object wrapping it, {"data": [...]})."""
-    lines = utf8_lines(path)
-    head = []  # up to the first non-blank line, whose first character tells an array from JSON Lines
-    for numbered_line in lines:
-        head.append(numbered_line)
-        if numbered_line[1].strip():
-            break
-    lines = chain(head, lines)
-    records = None
-    if path.suffix.lower() == ".json" and head and head[-1][1].lstrip()[:1] in ("[", "{"):
-        text = "".join(line for _, line in lines)  # with the blank lines, so JSON errors give true line numbers
-        records = _json_document_records(path, text)
-        lines = enumerate(text.split("\n"), 1)  # read as JSON Lines when it is not one document
-    if records is not None:
-        numbered = ((f"record {n}", record) for n, record in enumerate(records, 1))
-    else:
-        numbered = ((f"line {n}", _json_line(path, n, line)) for n, line in lines if line.strip())
-    for where, record in numbered:
+    """("line N" or "record N", object) of a JSON Lines file, or of a .json file holding one array."""
+    for where, record in json_values(path, error=DataError):
         if not isinstance(record, dict):
             raise DataError(f"{path} {where}: expected a JSON object, found {type(record).__name__}")
         yield where, record
 
 
-def _json_document_records(path: Path, text: str) -> list | None:
-    """The records of a .json file holding one array, or one object whose only value is the array
-    ({"data": [...]}, as some exporters write); None when the file is JSON Lines."""
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
-            raise DataError(f"{path} is not valid JSON: {e}") from None
-        return None  # several objects, one per line
-    if isinstance(document, list):
-        return document
-    values = list(document.values())
-    if len(values) == 1 and isinstance(values[0], list) and all(isinstance(record, dict) for record in values[0]):
-        return values[0]
-    return None  # a single object: JSON Lines of one line
-
-
-def _json_line(path: Path, lineno: int, line: str):
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} line {lineno} is not valid JSON ({e.msg}); write one object per line") from None
-
-
 def _conll_sentences(path: Path, require_labels: bool) -> Iterator[tuple[str, Example]]:
     """("line N", sentence) of a CoNLL file: `word ... tag` lines, blank lines between sentences."""
     sentence: list[tuple[int, str, str | None]] = []
-    for lineno, line in chain(utf8_lines(path), [(0, "")]):  # the blank line after the end ends the last sentence
+    # The blank line added after the end ends the last sentence.
+    for lineno, line in chain(utf8_lines(path, error=DataError), [(0, "")]):
         line = line.rstrip()
         cells = line.split("\t") if "\t" in line else line.split()
         if not line or cells[0] == "-DOCSTART-":

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from minibert import assets
 from minibert.data.examples import DataError, Example
-from minibert.data.readers import load_examples, utf8_lines
+from minibert.data.readers import load_examples
+from minibert.text_files import utf8_lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -31,7 +32,7 @@ def movie_reviews(task_type: str = "classification") -> tuple[list[Example], lis
         raise ValueError(f"movie_reviews is a classification or regression task, not {task_type!r}")
     path = assets.movie_reviews_file()
     splits: tuple[list[Example], ...] = ([], [], [])
-    for _, line in utf8_lines(path):
+    for _, line in utf8_lines(path, error=DataError):
         line = line.rstrip("\r\n")
         if not line:
             continue

@@ -10,14 +10,14 @@ import importlib.util
 from minibert.kernels.availability import NO_DEVICE_MESSAGE, NO_TRITON_MESSAGE, triton_available
 
 if importlib.util.find_spec("triton") is not None:
-    from minibert.kernels.flash_attention import dropout_mask_for_testing, flash_attention
+    from minibert.kernels.flash_attention import flash_attention
 
 
 def __getattr__(name):
     """Reached only for names not defined above: the kernels when triton is missing."""
-    if name in ("flash_attention", "dropout_mask_for_testing"):
+    if name == "flash_attention":
         raise ImportError(NO_TRITON_MESSAGE)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["NO_DEVICE_MESSAGE", "NO_TRITON_MESSAGE", "dropout_mask_for_testing", "flash_attention", "triton_available"]
+__all__ = ["NO_DEVICE_MESSAGE", "NO_TRITON_MESSAGE", "flash_attention", "triton_available"]

@@ -315,24 +315,6 @@ def _backward_dq_kernel(
              mask=row_in_seq[:, None])
 
 
-@triton.jit(do_not_specialize=_PER_CALL_INTS)
-def _dropout_mask_kernel(
-    KEEP, CU_SEQLENS, stride_kb, stride_kh, stride_km, total_tokens, max_seqlen, dropout_p, seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Writes the keep-flags the attention kernels use, for tests. Grid (query blocks, batch, heads)."""
-    batch = tl.program_id(1)
-    head = tl.program_id(2)
-    seq_start, seqlen = _sequence(CU_SEQLENS, batch)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    KEEP += batch.to(tl.int64) * stride_kb + head * stride_kh
-    for start_n in range(0, seqlen, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _keep_entry(seed, head, seq_start + rows[:, None], cols[None, :], total_tokens, max_seqlen, dropout_p)
-        inside = (rows < seqlen)[:, None] & (cols < seqlen)[None, :]
-        tl.store(KEEP + rows[:, None] * stride_km + cols[None, :], keep.to(tl.int8), mask=inside)
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 
@@ -561,27 +543,3 @@ def flash_attention(q, k, v, *, cu_seqlens=None, max_seqlen=None, key_padding_ma
         q, k, v, cu_seqlens, max_seqlen, key_valid, float(dropout_p), float(softmax_scale), seed
     )
     return out.view(shape)  # back to the caller's layout
-
-
-def dropout_mask_for_testing(q, *, cu_seqlens=None, max_seqlen=None, dropout_p, generator=None):
-    """The keep-mask flash_attention(q, ..., dropout_p=dropout_p) uses when called with the
-    generator in the same state (draw the mask, reset the seed, call the attention).
-
-    q as for flash_attention (only its shape and device are used). Returns bool
-    (batch, heads, max_seqlen, max_seqlen), True where an attention probability is kept; entry
-    [b, h, i, j] is query i and key j of sequence b, False outside the sequence.
-    """
-    if not 0.0 < dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in (0, 1), got {dropout_p}")
-    q, _, _, cu_seqlens, max_seqlen, _ = _to_unpadded(q, q, q, cu_seqlens, max_seqlen, None)  # q: (total, nh, hs)
-    total_tokens, heads, _ = q.shape
-    batch = cu_seqlens.numel() - 1
-    keep = torch.zeros((batch, heads, max_seqlen, max_seqlen), dtype=torch.int8, device=q.device)
-    seed = _draw_seed(dropout_p, generator)
-    block = 32
-    with _on_tensors_device(q):
-        _dropout_mask_kernel[(triton.cdiv(max_seqlen, block), batch, heads)](
-            keep, cu_seqlens, keep.stride(0), keep.stride(1), keep.stride(2), total_tokens, max_seqlen,
-            float(dropout_p), seed, BLOCK_M=block, BLOCK_N=block,
-        )
-    return keep.bool()

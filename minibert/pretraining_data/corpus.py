@@ -4,9 +4,7 @@ and splitting paragraphs into sentences."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -15,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from minibert import assets
+from minibert.text_files import csv_rows, json_values, utf8_lines
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +72,7 @@ def _corpus_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(
-            f"{path} is not UTF-8 (byte {err.start}): re-encode it, e.g. "
-            f"`iconv -f latin1 -t utf-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}`"
-        ) from None
+    return "".join(line for _, line in utf8_lines(path, error=CorpusError))
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -99,33 +92,14 @@ def _read_plain_text(path: Path) -> Iterator[list[str]]:
         yield document
 
 
-def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, value) of each JSON Lines record, or of each element of a .json file holding one array."""
-    text = _read_text(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path} is not valid JSON ({err}): fix it, or write JSON Lines") from None
-        yield from ((f"{path} record {n}", record) for n, record in enumerate(records, start=1))
-        return
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{line_number}", json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{line_number} is not valid JSON ({err.msg}): fix that line") from None
-
-
 def _read_jsonl(path: Path, text_field: str) -> Iterator[list[str]]:
     """One JSON object per line (or a .json array of them); its ``text_field`` string is a document
     (newlines split paragraphs)."""
-    for where, record in _json_lines(path):
+    for where, record in json_values(path, error=CorpusError):
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise CorpusError(
-                f"{where} has no field {text_field!r} (it has {keys}): "
+                f"{path} {where} has no field {text_field!r} (it has {keys}): "
                 f"choose one with --text-field (text_field=)"
             )
         document = _paragraphs(str(record[text_field] or ""))
@@ -136,17 +110,19 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[list[str]]:
 def _read_table(path: Path, text_column: str | Sequence[str] | None) -> Iterator[list[str]]:
     """A CSV/TSV with a header; each row is a document made of its text column(s), in order."""
     columns = [text_column] if isinstance(text_column, str) else list(text_column or ["text"])
-    csv.field_size_limit(2**31 - 1)  # long articles run past the 128 KiB default cell limit
-    # newline="" lets the csv module see the raw line ends, so quoted cells may span lines.
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=TABLE_SUFFIXES[path.suffix.lower()])
-    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    lines = (line for _, line in utf8_lines(path, error=CorpusError))
+    delimiter = TABLE_SUFFIXES[path.suffix.lower()]
+    rows = (cells for _, cells in csv_rows(path, lines, error=CorpusError, delimiter=delimiter) if cells)
+    header = next(rows, [])
+    missing = [c for c in columns if c not in header]
     if missing:
         raise CorpusError(
-            f"{path} has no column {missing[0]!r} (its columns are {reader.fieldnames}): "
+            f"{path} has no column {missing[0]!r} (its columns are {header}): "
             f"choose one with --text-column (text_column=)"
         )
-    for row in reader:
-        document = [p for c in columns for p in _paragraphs(row[c] or "")]
+    for cells in rows:
+        row = dict(zip(header, cells))
+        document = [p for c in columns for p in _paragraphs(row.get(c) or "")]
         if document:
             yield document
 

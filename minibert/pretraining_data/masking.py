@@ -10,10 +10,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from minibert.config import IGNORE_INDEX
 from minibert.pretraining_data.dataset import PretrainingDataset
-
-IGNORE_INDEX = -100  # the label torch's cross_entropy skips
-
 
 def continuation_mask(tokenizer: Tokenizer) -> torch.Tensor:
     """``is_continuation``: (vocab_size,) bool, True for WordPiece continuation pieces (``##ing``),
@@ -56,7 +54,7 @@ def mask_tokens(
     word_continues: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masked-LM corruption. input_ids, attention_mask: (B, T) -> (masked_input_ids, labels),
-    both (B, T); labels (int64) hold the original id at chosen positions and -100 elsewhere.
+    both (B, T); labels (int64) hold the original id at chosen positions and IGNORE_INDEX (-100) elsewhere.
 
     Each real, non-special token is chosen with probability ``mask_prob`` (padding and special
     tokens never are). A chosen token becomes [MASK] 80% of the time, a random non-special token 10%
