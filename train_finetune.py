@@ -38,7 +38,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,8 @@ from minibert import finetuning as F
 from minibert.assets import MINILM_HUB_ID
 from minibert.atomic_write import atomic_write_text, write_json
 from minibert.class_weights import class_weights, weighted_loss
-from minibert.config import IGNORE_INDEX, BertConfig
+from minibert.cli import check_counts, config_overrides, parse_settings, run_cli, setup_logging
+from minibert.config import BertConfig
 from minibert.crf import CRF_FILE, BertCRFForTokenClassification
 from minibert.hub import resolve_model_dir
 from minibert.metrics import MAIN_METRIC, METRICS, compute_metrics, per_class_scores
@@ -62,15 +63,12 @@ from minibert.training import (
     TrainingSettings,
     TrainState,
     check_attention_backend,
-    check_counts,
     check_layer_lr_decay,
     hold_output_dir,
-    parse_settings,
     plot_curves,
     remove_earlier_results,
     resolve_precision,
     resolve_resume,
-    run_cli,
     seed_everything,
     setup_distributed,
 )
@@ -94,6 +92,9 @@ class FinetuneConfig:
     reinit_head: bool = False  # train a new head when --init is a classifier for other labels
     attn_impl: str | None = None  # eager | sdpa | triton; None keeps the checkpoint's (sdpa by default)
     dropout: float | None = None  # overrides hidden and attention dropout; None keeps the checkpoint's (0.1)
+    # BertConfig fields to set on the model, fresh or loaded, one FIELD=VALUE per --config (--config
+    # hidden_act=silu --config num_hidden_layers=4): over every other flag, checked by BertConfig, saved with the run.
+    config: list[str] = field(default_factory=list, metadata={"repeat": True, "metavar": "FIELD=VALUE"})
     # --- data: files, a GLUE task, or nothing for the built-in movie-review task ---
     train_file: str | None = None  # .csv, .tsv, .jsonl/.json, or CoNLL (.conll/.iob/.bio) for token classification
     validation_file: str | None = None  # the same format: picks the best checkpoint, and early stopping
@@ -181,7 +182,7 @@ def load_data(cfg: FinetuneConfig, tokenizer) -> F.TaskData:
 def read_init(cfg: FinetuneConfig) -> tuple[Path, BertConfig]:
     """--init's directory and config, read before the model so that a misfit stops the run early."""
     init_dir = resolve_model_dir(cfg.init)
-    return init_dir, BertConfig.from_json_file(init_dir / "config.json")
+    return init_dir, BertConfig.from_json_file(init_dir / "config.json", **config_overrides(cfg.config))
 
 
 def choose_labels(cfg: FinetuneConfig, task: F.TaskData, init_dir: Path, init_config: BertConfig):
@@ -199,7 +200,8 @@ def build_model(cfg: FinetuneConfig, task: F.TaskData, vocab, init_dir: Path):
     # A resumed run's weights come from its checkpoint: what --init lacks is no news then.
     model = F.build_model(task.task_type, vocab, init_dir, reinit_head=cfg.reinit_head, attn_impl=cfg.attn_impl,
                           dropout=cfg.dropout, freeze_embeddings=cfg.freeze_embeddings, freeze_layers=cfg.freeze_layers,
-                          reinit_layers=cfg.reinit_layers, verbose=not cfg.resume, crf=cfg.crf)
+                          reinit_layers=cfg.reinit_layers, config_overrides=config_overrides(cfg.config),
+                          verbose=not cfg.resume, crf=cfg.crf)
     model.config.extra.pop(THRESHOLDS_KEY, None)  # an --init's thresholds do not fit the model trained now
     if task.task_type == "token-classification":
         scheme = detect_scheme([ex.label for ex in task.train], vocab.labels)
@@ -537,7 +539,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     """Run fine-tuning; returns {"eval": metrics, "test": metrics or None, "output_dir": path, "train": figures}.
     _stop_after_steps simulates a kill after that many steps (for the resume test)."""
     cfg = parse_args(argv) if argv is None or isinstance(argv, list) else argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     # Everything that can be wrong with the input is checked before any training.
     check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size"),
                  at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
@@ -570,4 +572,4 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, parse_args, "train_finetune.py")

@@ -38,6 +38,7 @@ from minibert import pretraining as PT
 from minibert.assets import cache_dir
 from minibert.atomic_write import write_json
 from minibert.config import BertConfig
+from minibert.cli import check_counts, config_overrides, parse_settings, run_cli, setup_logging
 from minibert.hub import resolve_model_dir
 from minibert.pretraining_data.corpus import CorpusError, CorpusNotFoundError
 from minibert.pretraining_data.dataset import PretrainingDataset, unigram_log_probs
@@ -50,15 +51,12 @@ from minibert.training import (
     TrainingSettings,
     TrainState,
     check_attention_backend,
-    check_counts,
     find_checkpoint,
-    parse_settings,
     plot_curves,
     remove_earlier_results,
     hold_output_dir,
     resolve_precision,
     resolve_resume,
-    run_cli,
     seed_everything,
     setup_distributed,
 )
@@ -92,6 +90,9 @@ class PretrainConfig:
     intermediate_size: int | None = None
     attn_impl: str | None = None  # eager | sdpa | triton (None: sdpa)
     dropout: float | None = None  # hidden and attention dropout; None keeps BERT's 0.1 (or the checkpoint's)
+    # BertConfig fields to set on the model, fresh or loaded, one FIELD=VALUE per --config (--config
+    # hidden_act=silu --config num_hidden_layers=4): over every other flag, checked by BertConfig, saved with the run.
+    config: list[str] = field(default_factory=list, metadata={"repeat": True, "metavar": "FIELD=VALUE"})
     # A fresh model's MLM output bias starts at the corpus's log token frequencies, so training starts at
     # the unigram loss instead of spending its first few hundred steps learning how common each word is
     # (Karpathy's "init well"); --no-unigram-bias-init keeps BERT's zeros. Not applied with --init.
@@ -144,10 +145,15 @@ def check_settings(cfg: PretrainConfig, dist: Distributed) -> None:
         raise ValueError(f"--short-seq-prob must be in [0, 1] and --heldout-fraction in [0, 1), got "
                          f"{cfg.short_seq_prob} and {cfg.heldout_fraction}")
     if cfg.init:
-        positions = BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json").max_position_embeddings
+        overrides = PT.model_config_overrides(init=cfg.init, attn_impl=cfg.attn_impl, dropout=cfg.dropout,
+                                              config_overrides=config_overrides(cfg.config))
+        positions = BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json", **overrides).max_position_embeddings
         if cfg.seq_len > positions:
             raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {positions} positions of --init {cfg.init}: "
                              f"use --seq-len {positions} or less")
+    else:  # the new model's config, less the tokenizer's size, so that BertConfig checks --config now
+        PT.fresh_config(cfg.vocab_size, preset=cfg.preset, sizes=model_sizes(cfg), seq_len=cfg.seq_len,
+                        attn_impl=cfg.attn_impl, dropout=cfg.dropout, config_overrides=config_overrides(cfg.config))
     if (cfg.init or cfg.tokenizer) and "vocab_size" in getattr(cfg, "given_flags", ()):
         logger.warning("minibert: --vocab-size is ignored: it sizes a tokenizer trained here, and "
                        "--init/--tokenizer brings its own")
@@ -193,12 +199,17 @@ def load_data(cfg: PretrainConfig, tokenizer, dist: Distributed) -> tuple[Pretra
     return train, heldout
 
 
-def build_model(cfg: PretrainConfig, train: PretrainingDataset):
+def model_sizes(cfg: PretrainConfig) -> dict[str, int]:
+    """The sizes given as flags, over the preset's."""
     sizes = {"num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
              "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size}
-    model = PT.build_model(train.vocab_size, preset=cfg.preset, init=cfg.init,
-                           sizes={k: v for k, v in sizes.items() if v is not None}, seq_len=cfg.seq_len,
-                           attn_impl=cfg.attn_impl, dropout=cfg.dropout, tokenizer_name=cfg.tokenizer,
+    return {k: v for k, v in sizes.items() if v is not None}
+
+
+def build_model(cfg: PretrainConfig, train: PretrainingDataset):
+    model = PT.build_model(train.vocab_size, preset=cfg.preset, init=cfg.init, sizes=model_sizes(cfg),
+                           seq_len=cfg.seq_len, attn_impl=cfg.attn_impl, dropout=cfg.dropout,
+                           tokenizer_name=cfg.tokenizer, config_overrides=config_overrides(cfg.config),
                            verbose=not cfg.resume)
     if cfg.unigram_bias_init and not cfg.init and not cfg.resume:
         with torch.no_grad():
@@ -250,8 +261,8 @@ def write_results(cfg: PretrainConfig, trainer: Trainer, tokenizer) -> None:
 
 def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None) -> dict:
     """Run pretraining; returns the last held-out metrics. _stop_after_steps simulates a kill (for tests)."""
-    cfg = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = parse_args(argv) if argv is None or isinstance(argv, list) else argv
+    setup_logging()
     check_counts(cfg, at_least_one=("max_steps", "batch_size", "grad_accum", "seq_len"),
                  at_least_zero=("eval_steps", "eval_batches", "save_steps"))
     dist = setup_distributed(cfg.device)
@@ -279,4 +290,4 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, parse_args, "train_pretrain.py")

@@ -262,11 +262,13 @@ def build_model(
     freeze_embeddings: bool = False,
     freeze_layers: int = 0,
     reinit_layers: int = 0,
+    config_overrides: dict | None = None,
     verbose: bool = True,
     crf: bool = False,
 ) -> PreTrainedBert:
     """The task's model from --init, with a head for vocab's labels (one output for regression), then the
-    bottom layers frozen and the top ones re-initialised as asked. verbose=False: say nothing of new weights."""
+    bottom layers frozen and the top ones re-initialised as asked. config_overrides: BertConfig fields to
+    set (--config), over every other setting. verbose=False: say nothing of new weights."""
     overrides = dict(
         num_labels=1 if vocab is None else len(vocab),
         id2label={0: "score"} if vocab is None else dict(enumerate(vocab.labels)),
@@ -276,6 +278,7 @@ def build_model(
         overrides["attn_impl"] = attn_impl
     if dropout is not None:
         overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    overrides.update(config_overrides or {})
     model = model_class(task_type, crf=crf).from_pretrained(str(init_dir), reinit_head=reinit_head, verbose=verbose, **overrides)
     layers = model.bert.layers
     if freeze_embeddings:

@@ -93,25 +93,48 @@ def build_model(
     attn_impl: str | None = None,
     dropout: float | None = None,
     tokenizer_name: str | None = None,
+    config_overrides: dict | None = None,
     verbose: bool = True,
 ) -> BertForPreTraining:
     """A fresh BERT of `preset` (sizes: BertConfig fields that override it), or `init` for continued
     pretraining (its MLM/NSP heads are created where it lacks them), whose embeddings must hold the
-    tokenizer's vocab_size (tokenizer_name: where that tokenizer came from, None for init's own)."""
+    tokenizer's vocab_size (tokenizer_name: where that tokenizer came from, None for init's own).
+    config_overrides: BertConfig fields to set (--config), over every other setting."""
+    if init:
+        model = BertForPreTraining.from_pretrained(init, verbose=verbose, **model_config_overrides(
+            init=init, attn_impl=attn_impl, dropout=dropout, config_overrides=config_overrides))
+        check_vocab_fits(vocab_size, model.config.vocab_size, init, tokenizer_name)
+        return model
+    config = fresh_config(vocab_size, preset=preset, sizes=sizes, seq_len=seq_len, attn_impl=attn_impl,
+                          dropout=dropout, config_overrides=config_overrides)
+    if config.vocab_size < vocab_size or config.max_position_embeddings < seq_len:
+        raise ValueError(f"--config sets vocab_size {config.vocab_size} and max_position_embeddings "
+                         f"{config.max_position_embeddings}, but the tokenizer has {vocab_size} tokens and --seq-len is "
+                         f"{seq_len}: the model needs at least as many")
+    return BertForPreTraining(config)
+
+
+def model_config_overrides(*, init: str | None, attn_impl: str | None, dropout: float | None,
+                           config_overrides: dict | None) -> dict:
+    """The BertConfig fields the flags set, --config's last."""
     overrides = {"attn_impl": attn_impl} if attn_impl else {}
     if dropout is not None:
         overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     if init:
         # A classifier's labels mean nothing to a pretraining model (transformers' default is 2 unnamed labels).
-        model = BertForPreTraining.from_pretrained(init, id2label=None, num_labels=2, problem_type=None,
-                                                   verbose=verbose, **overrides)
-        check_vocab_fits(vocab_size, model.config.vocab_size, init, tokenizer_name)
-        return model
+        overrides.update(id2label=None, num_labels=2, problem_type=None)
+    return {**overrides, **(config_overrides or {})}
+
+
+def fresh_config(vocab_size: int, *, preset: str = "mini", sizes: dict[str, int] | None = None, seq_len: int = 128,
+                 attn_impl: str | None = None, dropout: float | None = None,
+                 config_overrides: dict | None = None) -> BertConfig:
+    """A new model's config: the preset, resized by `sizes`, with room for seq_len positions."""
     if preset not in PRESETS:
         raise ValueError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    config = BertConfig.preset(preset, vocab_size=vocab_size, max_position_embeddings=max(512, seq_len),
-                               **(sizes or {}), **overrides)
-    return BertForPreTraining(config)
+    overrides = model_config_overrides(init=None, attn_impl=attn_impl, dropout=dropout, config_overrides=config_overrides)
+    return BertConfig.preset(preset, **{"vocab_size": vocab_size, "max_position_embeddings": max(512, seq_len),
+                                        **(sizes or {}), **overrides})
 
 
 def check_vocab_fits(tokenizer_size: int, model_size: int, init: str, tokenizer_name: str | None = None) -> None:

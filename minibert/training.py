@@ -22,12 +22,10 @@ What is here and why:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
 import fcntl
-import inspect
 import json
 import logging
 import os
@@ -47,68 +45,6 @@ from torch import nn
 
 from minibert.atomic_write import atomic_write_text
 from minibert.embedding_grad import keep_embedding_gradients
-
-# ----------------------------------------------------------------------------- command lines
-
-
-def field_comments(source: str) -> dict[str, str]:
-    """A dataclass's fields and what its comments say of each: the comment on the field's line, else the
-    comment lines right above it (section headers such as "# --- data ---" excepted)."""
-    comments, above = {}, []
-    for line in source.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            text = stripped.lstrip("#").strip()
-            above = [] if text.startswith("---") else [*above, text]
-            continue
-        field = re.match(r"(\w+):[^#]*?(?:#\s*(.+))?$", stripped)
-        if field:
-            comments[field.group(1)] = field.group(2) or " ".join(above)
-        above = []
-    return comments
-
-
-def parse_settings(cls, argv: list[str] | None, doc: str):
-    """A command line made from a settings dataclass: one --flag per field (underscores become dashes),
-    the field's default as the flag's; bools get --flag/--no-flag, list fields take several values.
-    The scripts' docstrings (commands to run) and the fields' comments become the help text."""
-    comments = field_comments(inspect.getsource(cls))
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "").replace("%", "%%")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
-        elif f.type.startswith("list"):
-            parser.add_argument(flag, nargs="+", default=[], metavar="PATH", help=help)
-        else:
-            kind = {"int": int, "float": float}.get(f.type.replace(" | None", ""), str)
-            default = "" if f.default is None else f" (default {f.default})"
-            parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper(), help=help + default)
-    settings = cls(**vars(parser.parse_args(argv)))
-    # Which flags were typed: --resume takes the others from the run it continues (settings_to_resume).
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    settings.given_flags = frozenset(vars(parser.parse_args(argv)))
-    return settings
-
-
-def check_counts(settings, at_least_one: tuple[str, ...] = (), at_least_zero: tuple[str, ...] = ()) -> None:
-    """One-line errors for counts out of range (--batch-size 0 would otherwise fail deep inside)."""
-    for names, least in ((at_least_one, 1), (at_least_zero, 0)):
-        for name in names:
-            if getattr(settings, name) < least:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(settings, name)}")
-
-
-def run_cli(main) -> None:
-    """Run a script's main(); bad input (DataError, CorpusError: ValueErrors; missing files) ends the
-    run with its one-line message and exit status 1 instead of a traceback."""
-    try:
-        main()
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" is bf16 on a GPU that has it (no loss scaling needed, 2-3x faster), else fp32."""

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from minibert import training
+from minibert import cli, training
 
 
 def main() -> None:
@@ -56,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    training.run_cli(main)
+    cli.run_cli(lambda _settings: main(), lambda _argv: None, "ddp_probe.py")  # one-line errors, as the scripts

@@ -153,7 +153,7 @@ def test_damaged_checkpoint_says_to_delete_it(tmp_path):
 
 
 def test_help_text_comes_from_the_comment_on_or_above_each_setting():
-    from minibert.training import field_comments
+    from minibert.cli import field_comments
 
     source = '''
 @dataclass
