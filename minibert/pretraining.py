@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from minibert.assets import cache_dir
 from minibert.config import IGNORE_INDEX, PRESETS, BertConfig
@@ -29,6 +28,7 @@ from minibert.pretraining_data.corpus import BUILTIN_CORPUS_ID, builtin_corpus_d
 from minibert.pretraining_data.dataset import PretrainingDataset, batches, num_batches
 from minibert.pretraining_data.masking import MaskingCollator
 from minibert.pretraining_data.shards import build_pretraining_shards
+from minibert.progress import Progress
 from minibert.tokenizer_training import load_or_train_tokenizer
 from minibert.training import Distributed, Throughput, Trainer, TrainState
 
@@ -194,10 +194,10 @@ def trim(batch: dict) -> dict:
 @torch.no_grad()
 def evaluate(trainer: Trainer, heldout: PretrainingDataset, collate: MaskingCollator, *, batch_size: int,
              seed: int, max_batches: int = 0) -> dict:
-    """MLM loss, perplexity, MLM accuracy and NSP accuracy on the held-out split (fixed masks), over its
-    first max_batches batches (0: all of it)."""
+    """On the held-out split (fixed masks), over its first max_batches batches (0: all of it): the loss
+    (MLM plus NSP, as in training), MLM loss, perplexity and accuracy, NSP loss and accuracy."""
     model = trainer.model.eval()
-    sums = {"mlm_loss": 0.0, "mlm_correct": 0.0, "masked": 0, "nsp_correct": 0.0, "pairs": 0}
+    sums = {"mlm_loss": 0.0, "mlm_correct": 0.0, "masked": 0, "nsp_loss": 0.0, "nsp_correct": 0.0, "pairs": 0}
     collate.epoch = 0  # the same masks at every evaluation, so the numbers compare across steps
     for i, indices in enumerate(batches(len(heldout), batch_size, seed=seed, epoch=0, shuffle=False, drop_last=False)):
         if max_batches and i >= max_batches:
@@ -210,13 +210,15 @@ def evaluate(trainer: Trainer, heldout: PretrainingDataset, collate: MaskingColl
         sums["mlm_correct"] += pretraining_accuracies(out, batch)["mlm_accuracy"] * n
         sums["masked"] += n
         if out.nsp_loss is not None:
+            sums["nsp_loss"] += out.nsp_loss.item() * len(indices)
             sums["nsp_correct"] += (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum().item()
             sums["pairs"] += len(indices)
     mlm_loss = sums["mlm_loss"] / max(1, sums["masked"])
-    metrics = {"mlm_loss": mlm_loss, "perplexity": math.exp(min(mlm_loss, 50)),
+    nsp_loss = sums["nsp_loss"] / max(1, sums["pairs"])
+    metrics = {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "perplexity": math.exp(min(mlm_loss, 50)),
                "mlm_accuracy": sums["mlm_correct"] / max(1, sums["masked"])}
     if sums["pairs"]:
-        metrics["nsp_accuracy"] = sums["nsp_correct"] / sums["pairs"]
+        metrics.update(nsp_loss=nsp_loss, nsp_accuracy=sums["nsp_correct"] / sums["pairs"])
     return metrics
 
 
@@ -246,47 +248,45 @@ def train(
     steps_per_epoch = num_batches(len(train_split), batch_size)
     flops = flops_per_token(trainer.model.config, train_split.seq_len)
     peak = peak_flops(dist.device)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (dist.is_main and progress), desc="pretraining",
-               dynamic_ncols=True)
     speed = Throughput()  # tokens per second of the last steps
     metrics = {}
-    while state.step < total_steps:
-        collate.epoch = state.epoch
-        for indices in batches(len(train_split), batch_size, seed=seed, epoch=state.epoch, rank=dist.rank,
-                               world_size=dist.world_size, start_step=state.batch_in_epoch):
+    with Progress(total_steps, initial=state.step, desc="pretraining", enabled=dist.is_main and progress) as shown:
+        while state.step < total_steps:
             collate.epoch = state.epoch
-            step_start = time.perf_counter()
-            micro = [trim(collate(train_split.batch(indices[i : i + micro_batch])))
-                     for i in range(0, len(indices), micro_batch)]
-            result = trainer.step(micro, metrics_fn=pretraining_accuracies)
-            step_seconds = time.perf_counter() - step_start
-            state.step += 1
-            state.batch_in_epoch += 1
-            tokens = dist.all_reduce_mean(float(sum(int(b["attention_mask"].sum()) for b in micro))) * dist.world_size
-            tokens_per_s = speed.update(tokens, step_seconds)  # all processes together
-            postfix = {"loss": f"{result['loss']:.3f}", "mlm_acc": f"{result['mlm_accuracy']:.3f}", "tok_s": f"{tokens_per_s:.0f}"}
-            if peak:
-                postfix["mfu"] = f"{model_flops_utilization(tokens_per_s, flops, peak, dist.world_size):.1%}"
-            bar.update(1)
-            bar.set_postfix(postfix)
-            trainer.log_metrics({"split": "train", "step": state.step, **{k: v for k, v in result.items() if v is not None},
-                                 "tokens_per_s": tokens_per_s})
-            if state.batch_in_epoch >= steps_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if (eval_steps and state.step % eval_steps == 0) or state.step == total_steps:
-                if dist.is_main and heldout is not None and len(heldout):
-                    metrics = evaluate(trainer, heldout, collate, batch_size=micro_batch * grad_accum, seed=seed,
-                                       max_batches=eval_batches)
-                    trainer.log_metrics({"split": "eval", "step": state.step, **metrics})
-                    tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                    collate.epoch = state.epoch
-                dist.barrier()
-            if save_steps and state.step % save_steps == 0 and state.step < total_steps:
-                trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
-            if stop_after_steps is not None and state.step >= stop_after_steps:
-                bar.close()
-                return {"stopped_at": state.step}
-            if state.step >= total_steps:
-                break
-    bar.close()
+            for indices in batches(len(train_split), batch_size, seed=seed, epoch=state.epoch, rank=dist.rank,
+                                   world_size=dist.world_size, start_step=state.batch_in_epoch):
+                collate.epoch = state.epoch
+                step_start = time.perf_counter()
+                micro = [trim(collate(train_split.batch(indices[i : i + micro_batch])))
+                         for i in range(0, len(indices), micro_batch)]
+                result = trainer.step(micro, metrics_fn=pretraining_accuracies)
+                step_seconds = time.perf_counter() - step_start
+                state.step += 1
+                state.batch_in_epoch += 1
+                tokens = dist.all_reduce_mean(float(sum(int(b["attention_mask"].sum()) for b in micro))) * dist.world_size
+                tokens_per_s = speed.update(tokens, step_seconds)  # all processes together
+                figures = {"loss": f"{result['loss']:.3f}", "mlm_acc": f"{result['mlm_accuracy']:.3f}",
+                           "tok_s": f"{tokens_per_s:.0f}"}
+                if peak:
+                    figures["mfu"] = f"{model_flops_utilization(tokens_per_s, flops, peak, dist.world_size):.1%}"
+                shown.update(**figures)
+                trainer.log_metrics({"split": "train", "step": state.step,
+                                     **{k: v for k, v in result.items() if v is not None}, "tokens_per_s": tokens_per_s})
+                if state.batch_in_epoch >= steps_per_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                if (eval_steps and state.step % eval_steps == 0) or state.step == total_steps:
+                    if dist.is_main and heldout is not None and len(heldout):
+                        metrics = evaluate(trainer, heldout, collate, batch_size=micro_batch * grad_accum, seed=seed,
+                                           max_batches=eval_batches)
+                        trainer.log_metrics({"split": "eval", "step": state.step, **metrics})
+                        logger.info("minibert: step %d: %s", state.step,
+                                    ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                        collate.epoch = state.epoch
+                    dist.barrier()
+                if save_steps and state.step % save_steps == 0 and state.step < total_steps:
+                    trainer.save_checkpoint(state, tokenizer=tokenizer, run_config=run_config)
+                if stop_after_steps is not None and state.step >= stop_after_steps:
+                    return {"stopped_at": state.step}
+                if state.step >= total_steps:
+                    break
     return metrics

@@ -17,7 +17,7 @@ What is here and why:
 - One live run per output folder (hold_output_dir): an OS lock that dies with its process.
 - Per-rank randomness under torchrun: each rank seeds its dropout from (seed, rank), and checkpoints keep
   every rank's random states; training_state.pt holds tensors and plain values only (weights_only=True).
-- metrics.jsonl logging and PNG training curves (matplotlib optional).
+- metrics.jsonl logging (minibert.curves draws it).
 """
 
 from __future__ import annotations
@@ -565,10 +565,16 @@ def _lock_run(path: Path):
         f.close()
 
 
-def remove_earlier_results(output_dir: str | Path, results: tuple[str, ...]) -> None:
+# What a finished run of either script leaves in --output-dir besides the model (which a new run overwrites):
+# a new run there, fine-tuning or pretraining, removes all of them first.
+RUN_RESULT_FILES = ("eval_results.json", "test_results.json", "train_results.json", "predictions.jsonl",
+                    "metrics.jsonl", "training_curves.png", "finetune_config.json", "pretrain_config.json")
+
+
+def remove_earlier_results(output_dir: str | Path) -> None:
     """A new run in the folder of a finished one removes that run's result files once its own input has
-    passed every check, so that none of them can be taken for the new run's (its model is overwritten)."""
-    stale = [Path(output_dir) / name for name in results if (Path(output_dir) / name).is_file()]
+    passed every check, so that none of them can be taken for the new run's."""
+    stale = [Path(output_dir) / name for name in RUN_RESULT_FILES if (Path(output_dir) / name).is_file()]
     for path in stale:
         path.unlink()
     if stale:
@@ -617,36 +623,4 @@ class Throughput:
         self.recent.append((count, seconds))
         return sum(c for c, _ in self.recent) / max(1e-9, sum(t for _, t in self.recent))
 
-
-def plot_curves(metrics_path: Path, out_path: Path, train_key: str = "loss", eval_keys: tuple[str, ...] = ()) -> bool:
-    """Training loss and evaluation metrics against steps, as a PNG. False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r[train_key]) for r in records if r.get("split") == "train" and train_key in r]
-    evals = [r for r in records if r.get("split") == "eval"]
-    panels = [(f"train {train_key}", train)] + [
-        (f"eval {k}", [(r["step"], r[k]) for r in evals if r.get(k) is not None]) for k in eval_keys
-    ]
-    panels = [(title, points) for title, points in panels if points]
-    if not panels:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for ax, (title, points) in zip(axes[0], panels):
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return True
 

@@ -140,7 +140,7 @@ def test_glue_task_directory(tiny_init_dir, tmp_path):
     for name in ("train.tsv", "dev.tsv"):
         (glue / name).write_text("index\tsentence1\tsentence2\tlabel\n" + rows)
     results = run(tiny_init_dir, tmp_path, "--task", "rte", "--data-dir", tmp_path / "glue_data", "--max-steps", 2)
-    assert set(results["eval"]) == {"accuracy", "step", "epoch", "per_class"}
+    assert set(results["eval"]) == {"accuracy", "loss", "step", "epoch", "per_class"}  # loss: the validation loss
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
 

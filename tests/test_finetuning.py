@@ -65,3 +65,14 @@ def test_hold_out_and_subset_are_seeded(tmp_path):
     assert not held & {ex.text for ex in a.train}
     # the subset keeps the file's order
     assert np.all(np.diff([int(ex.text.split()[1]) for ex in a.train]) > 0)
+
+
+def test_a_fine_tuned_model_remembers_its_column_names(tiny_init_dir, tmp_path):
+    train_file = write_csv(tmp_path / "train.csv", sentiment_rows(8), header=("review", "stars"))
+    out = tmp_path / "out"
+    train_finetune.main(["--init", str(tiny_init_dir), "--train-file", str(train_file), "--validation-file", str(train_file),
+                         "--text-column", "review",
+                         "--label-column", "stars", "--output-dir", str(out), "--batch-size", "4", "--max-steps", "1",
+                         "--no-progress"])
+    assert finetuning.saved_columns(out) == {"text_column": "review", "label_column": "stars"}
+    assert finetuning.saved_columns(tiny_init_dir) == {}

@@ -45,7 +45,8 @@ def tiny_args(corpus, out, *extra):
 
 def test_output_loads_in_transformers_with_identical_logits_and_finetunes(corpus, tmp_path):
     metrics = train_pretrain.main(tiny_args(corpus, tmp_path / "out"))
-    assert set(metrics) == {"mlm_loss", "perplexity", "mlm_accuracy", "nsp_accuracy"}
+    assert set(metrics) == {"loss", "mlm_loss", "perplexity", "mlm_accuracy", "nsp_loss", "nsp_accuracy"}
+    assert metrics["loss"] == pytest.approx(metrics["mlm_loss"] + metrics["nsp_loss"])  # as the training loss adds them
     assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["mlm_loss"]).exp().item(), rel=1e-6)
     out = tmp_path / "out"
     keys = load_file(out / "model.safetensors").keys()
@@ -75,7 +76,7 @@ def test_output_loads_in_transformers_with_identical_logits_and_finetunes(corpus
 
 def test_no_nsp_whole_word(corpus, tmp_path):
     metrics = train_pretrain.main(tiny_args(corpus, tmp_path / "out", "--no-nsp", "--whole-word-mask"))
-    assert "nsp_accuracy" not in metrics and metrics["mlm_loss"] > 0
+    assert "nsp_accuracy" not in metrics and "nsp_loss" not in metrics and metrics["loss"] == metrics["mlm_loss"]
 
 
 def test_continued_pretraining_from_an_encoder_checkpoint_creates_the_heads(corpus, tmp_path, tiny_init_dir, caplog):
@@ -169,3 +170,22 @@ def test_mfu_is_each_devices_share_of_its_own_peak():
     # 8 devices at 3,000 tokens/s each, 1e9 FLOPs per token, 1e14 FLOP/s peak: 3e12 / 1e14 = 3%.
     assert model_flops_utilization(8 * 3000.0, 1e9, 1e14, devices=8) == pytest.approx(0.03)
     assert model_flops_utilization(3000.0, 1e9, 1e14, devices=1) == pytest.approx(0.03)
+
+
+FINETUNING_RESULTS = ("eval_results.json", "test_results.json", "train_results.json", "predictions.jsonl",
+                      "finetune_config.json")
+
+
+def test_a_new_run_replaces_every_result_file_of_the_other_script(corpus, tmp_path, tiny_init_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in FINETUNING_RESULTS:  # a finished fine-tuning run's results
+        (out / name).write_text("{}")
+    train_pretrain.main(tiny_args(corpus, out, "--max-steps", 1))
+    assert [name for name in FINETUNING_RESULTS if (out / name).exists()] == []
+    assert json.loads((out / "pretrain_config.json").read_text())["max_steps"] == 1
+    rows = "text,label\n" + "".join(f"{' '.join(WORDS[i:i + 5])},{'ab'[i % 2]}\n" for i in range(12))
+    (tmp_path / "train.csv").write_text(rows)
+    train_finetune.main(["--init", str(tiny_init_dir), "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+                         str(tmp_path / "train.csv"), "--max-steps", "1", "--output-dir", str(out), "--no-progress"])
+    assert not (out / "pretrain_config.json").exists() and (out / "finetune_config.json").is_file()

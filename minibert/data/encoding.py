@@ -112,12 +112,13 @@ def encode_examples(
         )
     if token_task and truncated:
         message = (
-            "%d of %d sentences in %s are longer than max_length=%d tokens: their last %d words get no tag "
+            "minibert: %d of %d sentences in %s are longer than max_length=%d tokens: their last %d words get no tag "
             "(not trained on, not evaluated); raise --max-length to keep them"
         )
         logger.warning(message, truncated, len(examples), source, max_length, lost_words)
     elif truncated:
-        logger.info("%d of %d examples in %s were truncated to %d tokens", truncated, len(examples), source, max_length)
+        logger.info("minibert: %d of %d examples in %s were truncated to %d tokens", truncated, len(examples), source,
+                    max_length)
     unk_id = tok.token_to_id("[UNK]")
     special_ids = {tok.token_to_id(t) for t in SPECIAL_TOKENS if t != "[UNK]"}
     counts = np.bincount(np.concatenate([f.input_ids for f in features]), minlength=tok.get_vocab_size())

@@ -370,7 +370,7 @@ def build_pretraining_shards(
     out_dir = Path(out_dir)
     shard_dir = out_dir / f"{'nsp' if nsp else 'full'}-{seq_len}-{key}"
     if (shard_dir / "meta.json").is_file():
-        logger.info("reusing pretraining shards in %s", shard_dir)
+        logger.info("minibert: reusing pretraining shards in %s", shard_dir)
         return shard_dir
 
     started = time.perf_counter()
@@ -417,7 +417,7 @@ def build_pretraining_shards(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info(
-        "wrote %s train / %s held-out examples to %s in %.1f s",
+        "minibert: wrote %s train / %s held-out examples to %s in %.1f s",
         meta["splits"]["train"]["num_examples"], meta["splits"]["heldout"]["num_examples"], shard_dir,
         time.perf_counter() - started,
     )
