@@ -1,6 +1,7 @@
 """The scripts as command-line programs: --config FIELD=VALUE overrides, and how a run ends on Ctrl-C."""
 
 import json
+import logging
 
 import pytest
 from safetensors import safe_open
@@ -8,7 +9,7 @@ from test_finetune import sentiment_rows, write_csv
 
 import train_finetune
 import train_pretrain
-from minibert.cli import CONFIG_FIELDS, config_overrides, interrupted_message, run_cli
+from minibert.cli import CONFIG_FIELDS, config_overrides, interrupted_message, run_cli, setup_logging
 
 
 def test_config_overrides_are_typed_by_the_field():
@@ -76,3 +77,14 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_in_one_line(tmp_path, capsys):
     assert interrupted_message(str(tmp_path / "run"), "train_pretrain.py") == (
         f"minibert: interrupted; the last checkpoint is {tmp_path / 'run' / 'checkpoint'}: continue with "
         f"`python train_pretrain.py --output-dir {tmp_path / 'run'} --resume`")
+
+
+def test_under_torchrun_only_rank_0_logs(monkeypatch):
+    logger = logging.getLogger("minibert")
+    level = logger.level
+    monkeypatch.setenv("RANK", "1")
+    try:
+        setup_logging()
+        assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
+    finally:
+        logger.setLevel(level)

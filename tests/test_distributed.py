@@ -60,14 +60,14 @@ def wait_for_pid(record_dir, live, timeout=240):
 
 def check_live_run_and_second_run(tmp_path, script, args, second_run):
     """Start the reference run, held before its first step; a second run in its folder must stop at once,
-    naming it; then the reference run goes on and must finish."""
+    naming it; then the reference run goes on and must finish. Returns the reference run's stdout (its log)."""
     live = subprocess.Popen(probe(script, tmp_path / "a", *args, "--output-dir", tmp_path / "a-out",
                                   hold=tmp_path / "go"), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pid = wait_for_pid(tmp_path / "a", live)
         second = second_run(tmp_path / "a-out")
         (tmp_path / "go").touch()
-        _, stderr = live.communicate(timeout=300)
+        stdout, stderr = live.communicate(timeout=300)
     finally:
         (tmp_path / "go").touch()  # never leave its workers waiting
         live.kill()
@@ -75,6 +75,7 @@ def check_live_run_and_second_run(tmp_path, script, args, second_run):
     expected = f"--output-dir {tmp_path / 'a-out'} is in use by a live run (pid {pid} on host {socket.gethostname()}"
     assert expected in second, second[-3000:]
     assert not (tmp_path / "a-out" / ".minibert-run.lock").exists()  # a finished run leaves no lock behind
+    return stdout
 
 
 def check_ranks_and_resume(tmp_path, script, args, stop_after, resumed_from):
@@ -121,7 +122,8 @@ def test_finetune_under_torchrun(tiny_init_dir, tmp_path):
             train_pretrain.main(["--output-dir", str(out), "--preset", "tiny", "--max-steps", "1", "--no-progress"])
         return str(err.value)
 
-    check_live_run_and_second_run(tmp_path, "finetune", args, second_run)
+    log = check_live_run_and_second_run(tmp_path, "finetune", args, second_run)
+    assert log.count("minibert: newly initialised") == 1  # one-time messages: rank 0 only
     # What the live run wrote: evaluated on rank 0 at steps 3 and 6, logged once, one model that transformers loads.
     logged = [json.loads(line) for line in (tmp_path / "a-out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["split"] == "eval"] == [3, 6]
