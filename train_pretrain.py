@@ -147,7 +147,8 @@ def check_settings(cfg: PretrainConfig, dist: Distributed) -> None:
     if cfg.init:
         overrides = PT.model_config_overrides(init=cfg.init, attn_impl=cfg.attn_impl, dropout=cfg.dropout,
                                               config_overrides=config_overrides(cfg.config))
-        positions = BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json", **overrides).max_position_embeddings
+        init_config = BertConfig.from_json_file(resolve_model_dir(cfg.init) / "config.json", **overrides)
+        positions = init_config.max_position_embeddings
         if cfg.seq_len > positions:
             raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {positions} positions of --init {cfg.init}: "
                              f"use --seq-len {positions} or less")

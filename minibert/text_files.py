@@ -46,7 +46,8 @@ def utf8_lines(path: Path, *, error: type[Exception]) -> Iterator[tuple[int, str
             yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
-def csv_rows(path: Path, lines: Iterable[str], *, error: type[Exception], delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
+def csv_rows(path: Path, lines: Iterable[str], *, error: type[Exception],
+             delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
     """(line number, cells) of each row of CSV `lines` (with their endings, so a quoted cell may span
     lines); a blank line is the row []."""
     reader = csv.reader(lines, delimiter=delimiter)

@@ -59,7 +59,8 @@ def check_special_tokens(tokenizer: Tokenizer, source, needed=REQUIRED_SPECIAL_T
         )
 
 
-def bert_text_splitting(tokenizer: Tokenizer, *, lowercase=True, strip_accents=None, tokenize_chinese_chars=True) -> Tokenizer:
+def bert_text_splitting(tokenizer: Tokenizer, *, lowercase=True, strip_accents=None,
+                        tokenize_chinese_chars=True) -> Tokenizer:
     """Give `tokenizer` BERT's normalizer (control characters removed, CJK characters spaced out, lower case
     and no accents when lowercase; strip_accents=None follows lowercase) and pre-tokenizer (words split at
     whitespace and punctuation): what a WordPiece vocabulary is read with, and trained on."""
