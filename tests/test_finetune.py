@@ -45,91 +45,191 @@ def run(tiny_init_dir, tmp_path, *args, **kwargs):
     return train_finetune.main(argv, **kwargs)
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def hf_logits(model_dir, texts, pairs=None, head=transformers.AutoModelForSequenceClassification):
+    """transformers' logits for the texts, in float64: the independent forward pass that minibert's
+    predictions (fp32) are checked against."""
+    model = head.from_pretrained(model_dir).eval().double()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        return model(**tok(texts, pairs, return_tensors="pt", padding=True)).logits
+
+
+def hf_word_log_probs(model_dir, sentences):
+    """transformers' per-word tag log-probabilities (first piece of each word), float64, one (W, L) array
+    per sentence of words."""
+    model = transformers.AutoModelForTokenClassification.from_pretrained(model_dir).eval().double()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for words in sentences:
+        enc = tok(words, is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            log_probs = model(**enc).logits[0].log_softmax(-1)
+        word_ids = enc.word_ids()
+        firsts = [i for i, w in enumerate(word_ids) if w is not None and (i == 0 or word_ids[i - 1] != w)]
+        out.append(log_probs[firsts].numpy())
+    return out
+
+
 # ----------------------------------------------------------------------------- formats and task types
 
 
 def test_csv_classification_end_to_end(tiny_init_dir, tmp_path):
+    """predictions.jsonl holds transformers' probabilities for the saved model, and test_results.json
+    scikit-learn's scores of those predictions against the gold labels."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, precision_recall_fscore_support
+
     train = write_csv(tmp_path / "train.csv", sentiment_rows(24))
     dev = write_csv(tmp_path / "dev.csv", sentiment_rows(8))
     test = write_csv(tmp_path / "test.csv", sentiment_rows(6))
     results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", dev, "--test-file", test,
-                  "--epochs", 2)
+                  "--epochs", 2, "--precision", "fp32")
     out = tmp_path / "out"
-    assert set(results["eval"]) >= {"accuracy", "f1", "mcc"} and set(results["test"]) == {"accuracy", "f1", "mcc", "per_class"}
     assert json.loads((out / "test_results.json").read_text()) == results["test"]
-    assert set(results["test"]["per_class"]) == {"neg", "pos"}
-    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(predictions) == 6 and predictions[0]["text"] == POSITIVE[0]
-    assert predictions[0]["label"] in ("neg", "pos")
-    assert sum(predictions[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert [(p["text"], p["gold"]) for p in predictions] == sentiment_rows(6)
+    # The output directory is a model transformers loads, with the label names, giving the same predictions.
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    expected = hf_logits(out, [p["text"] for p in predictions]).softmax(-1)
+    got = torch.tensor([[p["probabilities"]["neg"], p["probabilities"]["pos"]] for p in predictions], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)  # rounded to 6 decimals
+    assert [p["label"] for p in predictions] == [["neg", "pos"][i] for i in expected.argmax(-1).tolist()]
+    gold, predicted = [p["gold"] for p in predictions], [p["label"] for p in predictions]
+    scores = dict(results["test"])
+    per_class = scores.pop("per_class")
+    assert scores == pytest.approx({"accuracy": accuracy_score(gold, predicted), "f1": f1_score(gold, predicted, pos_label="pos"),
+                                    "mcc": matthews_corrcoef(gold, predicted)}, abs=1e-12)
+    precision, recall, f1, support = precision_recall_fscore_support(gold, predicted, labels=["neg", "pos"], zero_division=0)
+    for i, label in enumerate(["neg", "pos"]):
+        assert per_class[label] == pytest.approx({"precision": precision[i], "recall": recall[i], "f1": f1[i],
+                                                  "support": support[i]}, abs=1e-12), label
+    records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records if r["split"] == "eval"] == [6, 12]  # 24 examples / batch 4 = 6 steps an epoch
     assert (out / "finetune_config.json").is_file() and not (out / "checkpoint").exists()
-    # The output directory is a model transformers loads, with the label names, giving the same predictions.
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
-    assert hf.config.id2label == {0: "neg", 1: "pos"}
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    with torch.no_grad():
-        probs = hf(**tok(POSITIVE[0], return_tensors="pt")).logits.softmax(-1)[0]
-    assert probs[1].item() == pytest.approx(predictions[0]["probabilities"]["pos"], abs=1e-4)
+    # eval_results.json is the evaluation of the model kept: the better of the two by accuracy
+    evals = [r for r in records if r["split"] == "eval"]
+    best = max(evals, key=lambda r: r["accuracy"])  # the first of equals: a later one must be better to replace it
+    assert results["eval"]["step"] == best["step"] and results["eval"]["accuracy"] == best["accuracy"]
+    dev_rows = sentiment_rows(8)
+    dev_predicted = hf_logits(out, [t for t, _ in dev_rows]).argmax(-1).tolist()
+    assert results["eval"]["accuracy"] == pytest.approx(accuracy_score([lab for _, lab in dev_rows],
+                                                                       [["neg", "pos"][i] for i in dev_predicted]))
 
 
 def test_tsv_pairs_with_integer_labels(tiny_init_dir, tmp_path):
+    """Pairs are encoded as BERT pairs ([CLS] a [SEP] b [SEP], token types 0 then 1): the validation accuracy
+    is transformers' on the pairs, for the model kept."""
     rows = [(a, b, int(i % 3 == 0)) for i, (a, b) in enumerate(zip(POSITIVE * 3, NEGATIVE * 3))]
     header = ("premise", "hypothesis", "gold")
     for name in ("train", "dev"):
         (tmp_path / f"{name}.tsv").write_text("\t".join(header) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
     results = run(tiny_init_dir, tmp_path, "--train-file", tmp_path / "train.tsv", "--validation-file",
-                  tmp_path / "dev.tsv", "--text-column", "premise", "--text-pair-column", "hypothesis",
-                  "--label-column", "gold", "--max-steps", 2)
-    assert "accuracy" in results["eval"]
+                  tmp_path / "dev.tsv", "--test-file", tmp_path / "dev.tsv", "--text-column", "premise",
+                  "--text-pair-column", "hypothesis", "--label-column", "gold", "--max-steps", 2, "--lr", "1e-2",
+                  "--precision", "fp32")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "0", "1": "1"} and config["architectures"] == ["BertForSequenceClassification"]
+    expected = hf_logits(tmp_path / "out", [a for a, _, _ in rows], [b for _, b, _ in rows]).softmax(-1)
+    predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    got = torch.tensor([[p["probabilities"]["0"], p["probabilities"]["1"]] for p in predictions], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+    # a model that read only the first text would be caught: its probabilities are further off than that
+    alone = hf_logits(tmp_path / "out", [a for a, _, _ in rows]).softmax(-1)
+    assert (alone - expected).abs().max() > 1e-5
+    predicted = expected.argmax(-1).tolist()
+    gold = [label for _, _, label in rows]
+    assert results["eval"]["accuracy"] == pytest.approx(sum(p == g for p, g in zip(predicted, gold)) / len(rows))
 
 
 def test_jsonl_regression(tiny_init_dir, tmp_path):
+    """Regression predictions are transformers' single output, and pearson/spearman/mse scipy's and numpy's."""
+    from scipy.stats import pearsonr, spearmanr
+
     records = [{"text": t, "score": float(i % 5) / 2} for i, t in enumerate(POSITIVE + NEGATIVE)]
     train = write_jsonl(tmp_path / "train.jsonl", records * 2)
     dev = write_jsonl(tmp_path / "dev.jsonl", records)
     results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", dev, "--test-file", dev,
-                  "--task-type", "regression", "--label-column", "score", "--max-steps", 3)
-    assert set(results["eval"]) >= {"pearson", "spearman", "mse"}
-    first = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
-    assert isinstance(first["prediction"], float)
+                  "--task-type", "regression", "--label-column", "score", "--max-steps", 3, "--precision", "fp32")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["problem_type"] == "regression" and len(config["id2label"]) == 1
+    predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert [p["gold"] for p in predictions] == [r["score"] for r in records]
+    expected = hf_logits(tmp_path / "out", [r["text"] for r in records])[:, 0].numpy()
+    got = [p["prediction"] for p in predictions]
+    assert got == pytest.approx(expected.tolist(), abs=1e-5)
+    gold = [r["score"] for r in records]
+    assert results["test"]["pearson"] == pytest.approx(pearsonr(got, gold)[0], abs=1e-6)
+    assert results["test"]["spearman"] == pytest.approx(spearmanr(got, gold)[0], abs=1e-6)
+    assert results["test"]["mse"] == pytest.approx(float(((expected - gold) ** 2).mean()), abs=1e-5)
 
 
 def test_multilabel(tiny_init_dir, tmp_path):
-    records = [{"text": t, "label": labels} for t, labels in
-               zip(POSITIVE + NEGATIVE, [["acting"], ["acting", "story"], [], ["humor"]] * 2)]
+    """Each label's probability is the sigmoid of transformers' logit, a label is predicted at >= 0.5, and
+    the scores are scikit-learn's on those decisions."""
+    from sklearn.metrics import f1_score
+
+    label_sets = [["acting"], ["acting", "story"], [], ["humor"]] * 2
+    records = [{"text": t, "label": labels} for t, labels in zip(POSITIVE + NEGATIVE, label_sets)]
     train = write_jsonl(tmp_path / "train.jsonl", records * 2)
-    results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--test-file", train,
-                  "--task-type", "multilabel", "--max-steps", 2)
-    assert set(results["eval"]) >= {"f1_micro", "f1_macro", "accuracy"}
-    first = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
-    assert set(first["probabilities"]) == {"acting", "humor", "story"}
+    test = write_jsonl(tmp_path / "test.jsonl", records)
+    results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--test-file", test,
+                  "--task-type", "multilabel", "--max-steps", 2, "--lr", "1e-2", "--precision", "fp32")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert hf.config.problem_type == "multi_label_classification"
+    names = ["acting", "humor", "story"]
+    assert [hf.config.id2label[i] for i in range(3)] == names
+    predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    expected = hf_logits(tmp_path / "out", [r["text"] for r in records]).sigmoid()
+    got = torch.tensor([[p["probabilities"][n] for n in names] for p in predictions], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
+    decisions = (expected >= 0.5).long().numpy()
+    assert [p["labels"] for p in predictions] == [[n for n, d in zip(names, row) if d] for row in decisions]
+    gold = [[int(n in labels) for n in names] for labels in label_sets]
+    assert results["test"]["f1_micro"] == pytest.approx(f1_score(gold, decisions, average="micro", zero_division=0))
+    assert results["test"]["f1_macro"] == pytest.approx(f1_score(gold, decisions, average="macro", zero_division=0))
+    assert results["test"]["accuracy"] == pytest.approx(sum(list(d) == g for d, g in zip(decisions, gold)) / len(gold))
 
 
 @pytest.mark.parametrize("fmt", ["conll", "jsonl"])
 def test_token_classification(tiny_init_dir, tmp_path, fmt):
+    """Each word's tag comes from transformers' logits at its first piece: the most probable valid BIO
+    sequence (found here by brute force over every sequence), or with --no-constrained-decoding each
+    word's most probable tag; the scores are seqeval's on those tags."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    from test_tagging import brute_force_best
+
     sentences = [(["John", "Smithson", "lives", "in", "Pittsburgh"], ["B-PER", "I-PER", "O", "O", "B-LOC"]),
                  (["Acme", "Corporation", "hired", "Mary"], ["B-ORG", "I-ORG", "O", "B-PER"])] * 4
     if fmt == "conll":
         text = "\n\n".join("\n".join(f"{w} X {t}" for w, t in zip(ws, ts)) for ws, ts in sentences) + "\n"
         (tmp_path / "train.conll").write_text(text)
-        train = tmp_path / "train.conll"
+        train, decoding = tmp_path / "train.conll", []
     else:
         train = write_jsonl(tmp_path / "train.jsonl", [{"tokens": ws, "tags": ts} for ws, ts in sentences])
+        decoding = ["--no-constrained-decoding"]
     results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--test-file", train,
-                  "--task-type", "token-classification", "--max-steps", 2)
-    assert set(results["eval"]) >= {"precision", "recall", "f1", "accuracy"}
-    first = json.loads((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()[0])
-    assert first["tokens"] == sentences[0][0] and len(first["tags"]) == 5
+                  "--task-type", "token-classification", "--max-steps", 2, "--precision", "fp32", *decoding)
     hf, info = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and len(hf.config.id2label) == 6  # B-/I- PER, ORG, LOC... and O
+    assert not info["missing_keys"]
+    labels = [hf.config.id2label[i] for i in range(hf.config.num_labels)]
+    assert labels == ["B-LOC", "B-ORG", "B-PER", "I-ORG", "I-PER", "O"]
+    predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert [(p["tokens"], p["gold"]) for p in predictions] == [(ws, ts) for ws, ts in sentences]
+    expected = []
+    for log_probs in hf_word_log_probs(tmp_path / "out", [ws for ws, _ in sentences]):
+        ids = log_probs.argmax(-1).tolist() if decoding else brute_force_best(log_probs, labels, "bio")
+        expected.append([labels[i] for i in ids])
+    assert [p["tags"] for p in predictions] == expected
+    gold = [ts for _, ts in sentences]
+    for name, reference in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+        assert results["test"][name] == pytest.approx(reference(gold, expected, zero_division=0), abs=1e-12), name
+    words = sum(len(ts) for ts in gold)
+    assert results["test"]["accuracy"] == pytest.approx(sum(a == b for g, e in zip(gold, expected) for a, b in zip(g, e)) / words)
 
 
 def test_glue_task_directory(tiny_init_dir, tmp_path):
