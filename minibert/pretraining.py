@@ -146,12 +146,14 @@ def check_vocab_fits(tokenizer_size: int, model_size: int, init: str, tokenizer_
                          f"embeddings: {fix}")
 
 
-def flops_per_token(config: BertConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's two T x T matmuls
-    (12 * layers * hidden * T), as in the PaLM paper's MFU accounting. Embedding lookups are not matmuls."""
+def flops_per_token(config: BertConfig, seq_len: int, mask_prob: float = 0.15) -> float:
+    """Training FLOPs per token: 6 per weight a token passes (forward 2, backward 4) plus attention's two
+    T x T matmuls (12 * layers * hidden * T), as in the PaLM paper's MFU accounting. The encoder runs on
+    every token, the pooler and NSP head once per sequence, the MLM head (transform and decoder) only on
+    the masked share. Embedding lookups are not matmuls."""
     C, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
     per_layer = 4 * C * C + 2 * C * config.intermediate_size
-    weights = L * per_layer + C * C + V * C * 0.15 + C * C  # pooler, MLM decoder on ~15% of tokens, MLM transform
+    weights = L * per_layer + (C * C + 2 * C) / seq_len + mask_prob * (C * C + V * C)
     return 6 * weights + 12 * L * C * seq_len
 
 
@@ -246,7 +248,7 @@ def train(
     dist, total_steps, grad_accum = trainer.dist, trainer.total_steps, trainer.settings.grad_accum
     micro_batch = batch_size // (dist.world_size * grad_accum)
     steps_per_epoch = num_batches(len(train_split), batch_size)
-    flops = flops_per_token(trainer.model.config, train_split.seq_len)
+    flops = flops_per_token(trainer.model.config, train_split.seq_len, collate.mask_prob)
     peak = peak_flops(dist.device)
     speed = Throughput()  # tokens per second of the last steps
     metrics = {}

@@ -189,3 +189,28 @@ def test_a_new_run_replaces_every_result_file_of_the_other_script(corpus, tmp_pa
     train_finetune.main(["--init", str(tiny_init_dir), "--train-file", str(tmp_path / "train.csv"), "--validation-file",
                          str(tmp_path / "train.csv"), "--max-steps", "1", "--output-dir", str(out), "--no-progress"])
     assert not (out / "pretrain_config.json").exists() and (out / "finetune_config.json").is_file()
+
+
+@pytest.mark.parametrize("mask_prob", [0.15, 0.4])
+def test_flops_per_token_counts_what_a_training_step_multiplies(mask_prob):
+    """torch's FlopCounterMode counts every matmul of a real forward and backward pass: flops_per_token
+    must give that count per token (eager attention, so that its two matmuls are plain bmm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import minibert
+    from minibert.pretraining import flops_per_token
+
+    torch.manual_seed(0)
+    config = minibert.BertConfig.preset("tiny", vocab_size=1000, hidden_size=64, num_attention_heads=2,
+                                        num_hidden_layers=2, intermediate_size=96, max_position_embeddings=128,
+                                        attn_impl="eager")
+    model = minibert.BertForPreTraining(config)
+    B, T = 4, 100
+    ids = torch.randint(5, 1000, (B, T))
+    labels = torch.full((B, T), -100)
+    masked = round(mask_prob * T)
+    labels[:, :masked] = ids[:, :masked]
+    with FlopCounterMode(display=False) as counter:
+        out = model(ids, torch.ones(B, T, dtype=torch.long), labels=labels, next_sentence_label=torch.zeros(B, dtype=torch.long))
+        out.loss.backward()
+    assert flops_per_token(config, T, masked / T) == pytest.approx(counter.get_total_flops() / (B * T), rel=1e-9)

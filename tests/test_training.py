@@ -344,3 +344,47 @@ def test_throughput_counts_the_recent_steps_only_and_their_own_time():
     assert speed.update(100, 1.0) == 100.0
     assert speed.update(300, 1.0) == 200.0  # (100 + 300) / 2 s
     assert speed.update(30, 2.0) == 110.0  # (300 + 30) / 3 s: the first step has left the window
+
+
+# ----------------------------------------------------------------------------- optimizer groups and precision
+
+
+def test_layer_lr_decay_moves_each_layer_at_its_own_rate():
+    """AdamW's first step moves each weight by lr * g / (|g| + eps), which is lr for every weight whose
+    gradient is far above eps: with layer_lr_decay 0.5 the largest move in the classifier is the lr, in
+    the top layer half of it, in the bottom layer a quarter, in the embeddings an eighth (hand-computed,
+    no weight decay, no warmup, no clipping)."""
+    torch.manual_seed(0)
+    model = minibert.BertForSequenceClassification(minibert.BertConfig.preset("tiny", vocab_size=99, num_labels=3))
+    lr = 1e-3
+    settings = TrainingSettings(lr=lr, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=0.0, layer_lr_decay=0.5)
+    trainer = Trainer(model, settings, total_steps=100, output_dir="unused")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.step(batches(1))
+    moved = {k: (v - before[k]).abs().max().item() for k, v in model.state_dict().items()}
+    expected = {"classifier.weight": lr, "bert.layers.1.feed_forward.up.weight": lr / 2,
+                "bert.layers.0.attention.query.weight": lr / 4, "bert.embeddings.word.weight": lr / 8}
+    assert {k: moved[k] for k in expected} == pytest.approx(expected, rel=1e-3)
+
+
+def test_bf16_on_the_cpu_runs_under_autocast_and_keeps_fp32_weights(tmp_path):
+    """--precision bf16 on a CPU: the forward pass runs in bfloat16 (the loss is transformers' under the same
+    autocast, and not the fp32 loss), the weights and their update stay float32."""
+    torch.manual_seed(0)
+    # weights of std 0.5 give logits far from 0, where bfloat16's rounding shows in the loss
+    hf = transformers.BertForSequenceClassification(tiny_hf_config(num_labels=3, initializer_range=0.5)).eval()
+    hf.save_pretrained(tmp_path / "init")
+    data = batches(1)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "init"), verbose=False)
+        trainer = Trainer(model, TrainingSettings(lr=1e-3, precision=precision), total_steps=10, output_dir="unused")
+        losses[precision] = trainer.step(data)["loss"]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        fp32 = hf(**data[0]).loss.item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = hf(**data[0]).loss.item()
+    assert losses["fp32"] == pytest.approx(fp32, abs=1e-5)
+    assert abs(losses["bf16"] - losses["fp32"]) > 1e-4  # bfloat16 keeps 8 bits of mantissa: it shows
+    assert losses["bf16"] == pytest.approx(bf16, abs=abs(bf16 - fp32) / 2)
