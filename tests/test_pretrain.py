@@ -68,15 +68,91 @@ def test_output_loads_in_transformers_with_identical_logits_and_finetunes(corpus
     # and the fine-tuning script takes it as --init
     rows = "text,label\n" + "".join(f"{' '.join(WORDS[i:i + 5])},{'ab'[i % 2]}\n" for i in range(12))
     (tmp_path / "train.csv").write_text(rows)
-    results = train_finetune.main(["--init", str(out), "--train-file", str(tmp_path / "train.csv"), "--validation-file",
-                                   str(tmp_path / "train.csv"), "--max-steps", "1", "--output-dir", str(tmp_path / "ft"),
-                                   "--no-progress"])
-    assert "accuracy" in results["eval"]
+    train_finetune.main(["--init", str(out), "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+                         str(tmp_path / "train.csv"), "--max-steps", "1", "--output-dir", str(tmp_path / "ft"),
+                         "--no-progress", "--lr", "1e-12"])
+    # it starts from the pretrained encoder (a learning rate of 1e-12 leaves it where it was loaded)
+    pretrained, finetuned = load_file(out / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    encoder = [k for k in pretrained if k.startswith("bert.") and not k.startswith("bert.pooler.")]
+    assert len(encoder) == 5 + 16 * 2 and set(encoder) <= set(finetuned)
+    for key in encoder:
+        torch.testing.assert_close(finetuned[key], pretrained[key], rtol=0, atol=1e-9, msg=key)
 
 
-def test_no_nsp_whole_word(corpus, tmp_path):
-    metrics = train_pretrain.main(tiny_args(corpus, tmp_path / "out", "--no-nsp", "--whole-word-mask"))
+def test_whole_word_mask_masks_every_piece_of_a_word_or_none(corpus, tmp_path, monkeypatch):
+    """With --whole-word-mask every batch the run trains and evaluates on chooses each word's pieces
+    together (a piece is a continuation when the run's vocabulary spells it "##..."); without it, some
+    word is cut. --no-nsp: no next-sentence labels, no NSP metric."""
+    import minibert
+    from minibert.pretraining_data.masking import MaskingCollator
+
+    seen = []
+    collate = MaskingCollator.__call__
+    monkeypatch.setattr(MaskingCollator, "__call__", lambda self, examples: seen.append(collate(self, examples)) or seen[-1])
+
+    def cut_words(out):
+        vocab = minibert.load_tokenizer(str(out)).get_vocab()
+        continues = torch.zeros(len(vocab), dtype=torch.bool)
+        continues[[i for token, i in vocab.items() if token.startswith("##")]] = True
+        specials = torch.tensor([vocab[t] for t in ("[CLS]", "[SEP]", "[PAD]")])
+        cut = 0
+        for batch in seen:
+            assert "next_sentence_label" not in batch
+            chosen = batch["labels"] != -100
+            original = torch.where(chosen, batch["labels"], batch["input_ids"])
+            piece = continues[original[:, 1:]] & ~torch.isin(original[:, :-1], specials)
+            cut += int((piece & (chosen[:, 1:] != chosen[:, :-1])).sum())
+        return cut
+
+    metrics = train_pretrain.main(tiny_args(corpus, tmp_path / "wwm", "--no-nsp", "--whole-word-mask"))
     assert "nsp_accuracy" not in metrics and "nsp_loss" not in metrics and metrics["loss"] == metrics["mlm_loss"]
+    assert len(seen) >= 6
+    assert cut_words(tmp_path / "wwm") == 0
+    seen.clear()
+    train_pretrain.main(tiny_args(corpus, tmp_path / "pieces", "--no-nsp"))
+    assert cut_words(tmp_path / "pieces") > 10
+
+
+def test_evaluate_gives_transformers_loss_and_accuracies_on_fixed_masks(corpus, tmp_path):
+    """pretraining.evaluate on the first max_batches held-out batches: the MLM loss is the mean over all
+    their masked tokens (not the mean of the batches' means), and with the accuracies it is transformers'
+    on the same batches; the masks are epoch 0's whatever epoch the collator is at."""
+    import minibert
+    from minibert import pretraining
+    from minibert.pretraining_data.dataset import PretrainingDataset, batches
+    from minibert.pretraining_data.masking import MaskingCollator
+    from minibert.training import Trainer, TrainingSettings
+
+    shards = pretraining.prepare_shards([str(corpus)], vocab_size=120, seq_len=32, heldout_fraction=0.3)
+    heldout = PretrainingDataset(shards, "heldout")
+    assert len(heldout) > 3 * 4  # max_batches leaves some out
+    torch.manual_seed(0)
+    config = minibert.BertConfig.preset("tiny", vocab_size=heldout.vocab_size, max_position_embeddings=32)
+    model = minibert.BertForPreTraining(config)
+    collate = MaskingCollator.for_dataset(heldout, mask_prob=0.3, seed=1, epoch=5)
+    metrics = pretraining.evaluate(Trainer(model, TrainingSettings(), 1, tmp_path), heldout, collate, batch_size=4,
+                                   seed=0, max_batches=3)
+    model.save_pretrained(tmp_path / "model")
+    hf = transformers.BertForPreTraining.from_pretrained(tmp_path / "model").eval()
+    collate.epoch = 0
+    loss = correct = masked = nsp_loss = nsp_correct = pairs = 0
+    for indices in list(batches(len(heldout), 4, seed=0, epoch=0, shuffle=False, drop_last=False))[:3]:
+        batch = collate(heldout.batch(indices))
+        with torch.no_grad():
+            out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"])
+        chosen = batch["labels"] != -100
+        logits, targets = out.prediction_logits[chosen].double(), batch["labels"][chosen]
+        loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        masked += len(targets)
+        nsp_logits = out.seq_relationship_logits.double()
+        nsp_loss += torch.nn.functional.cross_entropy(nsp_logits, batch["next_sentence_label"], reduction="sum").item()
+        nsp_correct += (nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum().item()
+        pairs += len(indices)
+    assert metrics == pytest.approx({"loss": loss / masked + nsp_loss / pairs, "mlm_loss": loss / masked,
+                                     "perplexity": math.exp(loss / masked), "mlm_accuracy": correct / masked,
+                                     "nsp_loss": nsp_loss / pairs, "nsp_accuracy": nsp_correct / pairs}, rel=1e-5)
 
 
 def test_continued_pretraining_from_an_encoder_checkpoint_creates_the_heads(corpus, tmp_path, tiny_init_dir, caplog):
@@ -84,12 +160,16 @@ def test_continued_pretraining_from_an_encoder_checkpoint_creates_the_heads(corp
     args = tiny_args(corpus, tmp_path / "out", "--init", tiny_init_dir, "--max-steps", 2)
     drop = {"--preset", "--num-layers", "--hidden-size", "--num-heads", "--vocab-size"}
     args = [a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop)]
-    train_pretrain.main(args)
+    train_pretrain.main([*args, "--lr", "1e-12"])  # a learning rate that leaves the weights where they were loaded
     assert "newly initialised" in caplog.text and "mlm_head" in caplog.text and "nsp_head" in caplog.text
     before = load_file(tiny_init_dir / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
-    assert after["bert.embeddings.word_embeddings.weight"].shape == before["embeddings.word_embeddings.weight"].shape
-    assert "cls.predictions.transform.dense.weight" in after
+    # every encoder weight is the checkpoint's, the heads are new (BERT's initialisation: N(0, 0.02), zero bias)
+    assert {k for k in after if k.startswith("bert.")} == {"bert." + k for k in before}
+    for key in before:
+        torch.testing.assert_close(after["bert." + key], before[key], rtol=0, atol=1e-9, msg=key)
+    transform = after["cls.predictions.transform.dense.weight"]
+    assert abs(transform.std().item() - 0.02) < 0.003 and after["cls.predictions.transform.dense.bias"].abs().max() < 1e-9
 
 
 def train_losses(out):
