@@ -157,3 +157,36 @@ def test_pretrain_under_torchrun(tiny_init_dir, tmp_path, monkeypatch):
 
     check_live_run_and_second_run(tmp_path, "pretrain", args, second_run)
     check_ranks_and_resume(tmp_path, "pretrain", args, stop_after=3, resumed_from=2)
+
+
+@pytest.mark.slow
+def test_finetune_two_processes_equal_one_process_with_the_same_global_batch(tiny_init_dir, tmp_path):
+    """torchrun with 2 processes of 4 examples against one process taking 2 accumulation steps of 4: with
+    8 training examples each step takes all of them (one global batch an epoch), so which rank holds which
+    example does not matter, and the two runs must agree in losses, evaluations and weights. Dropout is
+    off: each rank draws its own masks, by design."""
+    import torch
+    from safetensors.torch import load_file
+
+    texts = ["great fun film", "dull sad film", "a fine and good show today", "a bad and poor show today"]
+    rows = [(texts[i % 4], "pos" if i % 2 == 0 else "neg") for i in range(8)]
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
+    data = tmp_path / "train.csv"
+    args = ["--init", tiny_init_dir, "--train-file", data, "--validation-file", data, "--batch-size", 4, "--epochs", 3,
+            "--lr", "1e-2", "--warmup-ratio", 0, "--dropout", 0, "--precision", "fp32", "--no-progress"]
+    train_finetune.main([*map(str, args), "--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
+    run([*TORCHRUN, str(ROOT / "train_finetune.py"), *map(str, args), "--output-dir", str(tmp_path / "two")])
+
+    def logged(out, split):
+        return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert [r["step"] for r in logged(two, "train")] == [1, 2, 3]
+    for split, key in (("train", "loss"), ("eval", "accuracy")):
+        assert [r[key] for r in logged(two, split)] == pytest.approx([r[key] for r in logged(one, split)], abs=1e-6)
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    losses = [r["loss"] for r in logged(one, "train")]
+    assert abs(losses[2] - losses[0]) > 1e-4  # it trained: a run that took no step would agree as well

@@ -74,6 +74,17 @@ def hf_word_log_probs(model_dir, sentences):
     return out
 
 
+def check_predict_only_repeats_the_run(tmp_path, test_file, *flags):
+    """--predict-only with the trained model as --init writes the training run's own predictions and test
+    scores for its test file (which the caller checked against transformers)."""
+    train_finetune.main(["--init", str(tmp_path / "out"), "--predict-only", "--test-file", str(test_file),
+                         "--output-dir", str(tmp_path / "predicted"), *flags])
+    assert read_jsonl(tmp_path / "predicted" / "predictions.jsonl") == read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    scores, expected = (json.loads((tmp_path / d / "test_results.json").read_text()) for d in ("predicted", "out"))
+    assert scores.pop("per_class", None) == expected.pop("per_class", None)
+    assert scores == pytest.approx(expected, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- formats and task types
 
 
@@ -165,6 +176,7 @@ def test_jsonl_regression(tiny_init_dir, tmp_path):
     assert results["test"]["pearson"] == pytest.approx(pearsonr(got, gold)[0], abs=1e-6)
     assert results["test"]["spearman"] == pytest.approx(spearmanr(got, gold)[0], abs=1e-6)
     assert results["test"]["mse"] == pytest.approx(float(((expected - gold) ** 2).mean()), abs=1e-5)
+    check_predict_only_repeats_the_run(tmp_path, dev, "--label-column", "score")
 
 
 def test_multilabel(tiny_init_dir, tmp_path):
@@ -192,6 +204,7 @@ def test_multilabel(tiny_init_dir, tmp_path):
     assert results["test"]["f1_micro"] == pytest.approx(f1_score(gold, decisions, average="micro", zero_division=0))
     assert results["test"]["f1_macro"] == pytest.approx(f1_score(gold, decisions, average="macro", zero_division=0))
     assert results["test"]["accuracy"] == pytest.approx(sum(list(d) == g for d, g in zip(decisions, gold)) / len(gold))
+    check_predict_only_repeats_the_run(tmp_path, test)
 
 
 @pytest.mark.parametrize("fmt", ["conll", "jsonl"])
@@ -230,6 +243,7 @@ def test_token_classification(tiny_init_dir, tmp_path, fmt):
         assert results["test"][name] == pytest.approx(reference(gold, expected, zero_division=0), abs=1e-12), name
     words = sum(len(ts) for ts in gold)
     assert results["test"]["accuracy"] == pytest.approx(sum(a == b for g, e in zip(gold, expected) for a, b in zip(g, e)) / words)
+    check_predict_only_repeats_the_run(tmp_path, train, *decoding)
 
 
 def test_glue_task_directory(tiny_init_dir, tmp_path):
@@ -239,10 +253,19 @@ def test_glue_task_directory(tiny_init_dir, tmp_path):
                    for i, (a, b) in enumerate(zip(POSITIVE * 2, NEGATIVE * 2)))
     for name in ("train.tsv", "dev.tsv"):
         (glue / name).write_text("index\tsentence1\tsentence2\tlabel\n" + rows)
-    results = run(tiny_init_dir, tmp_path, "--task", "rte", "--data-dir", tmp_path / "glue_data", "--max-steps", 2)
-    assert set(results["eval"]) == {"accuracy", "loss", "step", "epoch", "per_class"}  # loss: the validation loss
+    results = run(tiny_init_dir, tmp_path, "--task", "rte", "--data-dir", tmp_path / "glue_data", "--max-steps", 2,
+                  "--lr", "1e-2", "--precision", "fp32")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
+    # RTE is scored by accuracy on dev.tsv's sentence pairs: transformers' predictions against the gold labels
+    pairs = list(zip(POSITIVE * 2, NEGATIVE * 2))
+    logits = hf_logits(tmp_path / "out", [a for a, _ in pairs], [b for _, b in pairs])
+    gold = [int(not i % 2) for i in range(len(pairs))]  # odd rows are entailment (0)
+    predicted = logits.argmax(-1).tolist()
+    assert results["eval"]["accuracy"] == pytest.approx(sum(p == g for p, g in zip(predicted, gold)) / len(pairs))
+    # and the validation loss is the mean cross-entropy of those logits
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(gold)).item()
+    assert results["eval"]["loss"] == pytest.approx(loss, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- labels, freezing, resume
@@ -252,8 +275,10 @@ def test_init_from_own_classifier_keeps_labels_and_other_labels_need_reinit(tiny
     train = write_csv(tmp_path / "train.csv", sentiment_rows(8))
     run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 1)
     first = tmp_path / "out"
-    again = run(first, tmp_path / "second", "--train-file", train, "--validation-file", train, "--max-steps", 1)
-    assert again["eval"]["accuracy"] >= 0
+    run(first, tmp_path / "second", "--train-file", train, "--validation-file", train, "--max-steps", 1, "--lr", "1e-12")
+    kept = load_file(tmp_path / "second" / "out" / "model.safetensors")  # a rate of 1e-12 leaves the head as loaded
+    for key, value in load_file(first / "model.safetensors").items():
+        torch.testing.assert_close(kept[key], value, rtol=0, atol=1e-9, msg=key)
     other = write_csv(tmp_path / "other.csv", [(t, lab) for t, lab in zip(POSITIVE * 2, ["a", "b", "c", "d"] * 2)])
     with pytest.raises(DataError, match=r"is a classifier for labels \['neg', 'pos'\].*--reinit-head"):
         run(first, tmp_path / "third", "--train-file", other, "--validation-file", other, "--max-steps", 1)
@@ -345,9 +370,12 @@ def test_without_a_validation_file_a_seeded_tenth_of_the_training_data_is_held_o
     with caplog.at_level(logging.INFO, logger="minibert"):
         results = run(tiny_init_dir, tmp_path, "--train-file", train, "--max-steps", 2)
     assert "4 of the 40 training examples (--validation-fraction 0.1, chosen by --seed) are held out" in caplog.text
-    assert 0 <= results["eval"]["accuracy"] <= 1
     examples = list(range(40))
     kept, held = hold_out(examples, 0.1, seed=0)
+    # the validation accuracy is the saved model's (transformers') on those 4 rows, the run's --seed being 0
+    rows = [sentiment_rows(40)[i] for i in held]
+    predicted = [["neg", "pos"][i] for i in hf_logits(tmp_path / "out", [t for t, _ in rows]).argmax(-1).tolist()]
+    assert results["eval"]["accuracy"] == pytest.approx(sum(p == g for p, (_, g) in zip(predicted, rows)) / 4)
     assert len(held) == 4 and sorted(kept + held) == examples and hold_out(examples, 0.1, seed=0) == (kept, held)
     assert hold_out(examples, 0.1, seed=1)[1] != held
     with pytest.raises(DataError, match="too few to hold some out"):
@@ -500,9 +528,13 @@ def test_length_grouping_and_its_opt_out(tiny_init_dir, tmp_path):
     plain = train_batches(lengths, 8, seed=0, epoch=0, chunk_batches=1)
     assert sorted(sum(grouped, [])) == sorted(sum(plain, [])) == list(range(800))
     assert spread(grouped) < 10 < 50 < spread(plain)
+    # the flag reaches the batches: the same run with and without it trains on other batches, so other weights
     train = write_csv(tmp_path / "train.csv", sentiment_rows(16))
-    run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", train, "--max-steps", 2, "--no-group-by-length")
-    assert json.loads((tmp_path / "out" / "finetune_config.json").read_text())["group_by_length"] is False
+    for name, flags in (("grouped", []), ("plain", ["--no-group-by-length"])):
+        run(tiny_init_dir, tmp_path / name, "--train-file", train, "--validation-file", train, "--max-steps", 2,
+            "--dropout", 0, *flags)
+    grouped, plain = (load_file(tmp_path / name / "out" / "model.safetensors") for name in ("grouped", "plain"))
+    assert not torch.equal(grouped["classifier.weight"], plain["classifier.weight"])
 
 
 def test_max_train_examples_trains_on_a_seeded_subset(tiny_init_dir, tmp_path):
