@@ -291,11 +291,20 @@ def test_non_bert_config(tmp_path):
 
 
 def test_head_shape_mismatch_and_reinit(tmp_path):
-    hf_classifier(tmp_path, num_labels=3)
+    """A head of another size is refused; with reinit_head the encoder is the checkpoint's (the same pooled
+    output as transformers') and the head is new: BERT's N(0, 0.02) weights and zero bias."""
+    hf = hf_classifier(tmp_path, num_labels=3)
     with pytest.raises(ValueError, match="classifier has 3 outputs but the model asks for 2.*reinit"):
         minibert.BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=2, id2label=None)
+    torch.manual_seed(1)
     model = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=2, id2label=None, reinit_head=True)
-    assert model.classifier.weight.shape == (2, 32)
+    ids, mask, types = padded_batch()
+    with torch.no_grad():
+        expected = hf.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
+        hidden = model.eval()(ids, mask, types).logits - model.classifier.bias  # (B, 2) = pooled @ W.T
+        torch.testing.assert_close(hidden, expected @ model.classifier.weight.T, atol=1e-5, rtol=0)
+    weight = model.classifier.weight.detach()
+    assert weight.shape == (2, 32) and abs(weight.std().item() - 0.02) < 0.006 and not model.classifier.bias.any()
 
 
 def test_label_names_follow_the_number_of_labels(tmp_path):

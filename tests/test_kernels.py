@@ -337,9 +337,24 @@ def test_bfloat16_refused_in_the_interpreter():
         flash_attention(q, q, q)
 
 
-def test_triton_available_says_yes_here():
+def test_triton_available_names_where_the_kernels_can_run(monkeypatch):
+    """Each branch, whatever this machine has: a GPU, else the interpreter when TRITON_INTERPRET=1, else
+    no (with the message that names the fix); without triton installed, no (naming the install)."""
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     available, reason = triton_available()
-    assert available, reason
+    assert available and "interpreter" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_available() == (False, NO_DEVICE_MESSAGE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *device: "NVIDIA H200")
+    assert triton_available() == (True, "CUDA device NVIDIA H200")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else find_spec(name, *args))
+    available, reason = triton_available()
+    assert not available and "pip install" in reason and reason != NO_DEVICE_MESSAGE
 
 
 # ----------------------------------------------------------------------------------------------

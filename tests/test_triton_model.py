@@ -39,5 +39,5 @@ def test_unsupported_head_dim_is_a_clear_error():
     cfg = cfg.replace(hidden_size=40, num_attention_heads=5)  # head dim 8
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = minibert.BertModel(cfg).to(device)
-    with pytest.raises(ValueError, match="head"):
+    with pytest.raises(ValueError, match=r"unsupported head_dim 8; the triton attention supports \(32, 64, 128\)"):
         model(torch.ones(1, 4, dtype=torch.long, device=device))
