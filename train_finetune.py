@@ -23,6 +23,8 @@ r"""Fine-tune a pretrained BERT on labelled text: classification, regression, mu
     torchrun --nproc_per_node 8 train_finetune.py --init bert-base-uncased --task mnli --data-dir glue_data --precision bf16
     # A researcher's change to the model: any BertConfig field, on a fresh or loaded model
     python train_finetune.py --config hidden_act=silu --config num_hidden_layers=4
+    # LoRA: train ~1% of the weights (a rank-8 update of query and value, and the head)
+    python train_finetune.py --lora-rank 8 --lr 5e-4 --output-dir runs/lora
     # A killed (or Ctrl-C'd) run continues exactly where it stopped, with the settings it was started with;
     # the same command as before does too
     python train_finetune.py --output-dir runs/x --resume
@@ -32,7 +34,8 @@ r"""Fine-tune a pretrained BERT on labelled text: classification, regression, mu
 Writes to --output-dir: the best model as an HF directory (config.json with id2label, model.safetensors,
 tokenizer files) that `--init DIR`, minibert and transformers' AutoModelFor... load; eval_results.json
 and test_results.json; train_results.json (steps, seconds, examples/s); predictions.jsonl for the test set; metrics.jsonl; training_curves.png;
-finetune_config.json (the resolved settings); checkpoint/ while the run is in progress (for --resume).
+finetune_config.json (the resolved settings); checkpoint/ while the run is in progress (for --resume). A LoRA
+run's model is the merged one (a plain BERT), and adapter/ holds the adapter in peft's format.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from minibert.config import BertConfig
 from minibert.crf import CRF_FILE, BertCRFForTokenClassification
 from minibert.curves import plot_curves
 from minibert.hub import resolve_model_dir
+from minibert.lora import LoraModel, LoraSettings, read_adapter_config, read_adapter_weights
 from minibert.metrics import MAIN_METRIC, METRICS, compute_metrics, per_class_scores
 from minibert.spans import entity_spans, span_record
 from minibert.tagging import SCHEMES, CRFWeights, decode_tags, detect_scheme, log_softmax
@@ -142,6 +146,18 @@ class FinetuneConfig:
     # BERT Fine-tuning").
     reinit_layers: int = 0
     seed: int = 42
+    # --- LoRA (minibert/lora.py): train a low-rank update of chosen layers and the head, ~1% of the weights ---
+    # The rank r of the update W + (alpha/r) B A of each adapted layer; None trains every weight. The output
+    # directory holds the merged model, and adapter/ a peft adapter. LoRA wants a higher --lr (5e-4 at rank 8).
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # the update is scaled by alpha / rank; None: 2 x rank
+    lora_dropout: float | None = None  # on the input of the LoRA branch; None: 0.1
+    # Comma-separated, of query, key, value, attention-output, intermediate (or up), output (or down). None: query,value
+    lora_targets: str | None = None
+    lora_train_pooler: bool = False  # train the pooler in full too, as the classifier is
+    # A LoRA adapter on --init, its base (peft's save_pretrained folder, or a LoRA run's adapter/), to train
+    # further or to label --test-file with --predict-only. Its rank, alpha, dropout and targets are its own.
+    lora_adapter: str | None = None
     # --- running ---
     output_dir: str = "runs/finetune"
     eval_steps: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
@@ -189,7 +205,8 @@ def read_init(cfg: FinetuneConfig) -> tuple[Path, BertConfig]:
 
 
 def choose_labels(cfg: FinetuneConfig, task: F.TaskData, init_dir: Path, init_config: BertConfig):
-    init_is_classifier = F.classifier_kind(init_config, init_dir) is not None
+    # With --lora-adapter the head is the adapter's, whatever head --init has.
+    init_is_classifier = F.classifier_kind(init_config, init_dir) is not None and cfg.lora_adapter is None
     return F.choose_labels(task, init_config, init=cfg.init, init_is_classifier=init_is_classifier,
                            reinit_head=cfg.reinit_head)
 
@@ -199,11 +216,50 @@ def check_task_tokenizer(cfg: FinetuneConfig, task: F.TaskData, tokenizer, init_
     F.check_tokenizer_fits(tokenizer, init_config, cfg.init, text_pairs=text_pairs)
 
 
+def lora_settings(cfg: FinetuneConfig) -> LoraSettings | None:
+    """The LoRA the flags ask for (None: full fine-tuning, or an adapter's own settings), checked before any
+    data is read."""
+    flags = {"--lora-rank": cfg.lora_rank is not None, "--lora-alpha": cfg.lora_alpha is not None,
+             "--lora-dropout": cfg.lora_dropout is not None, "--lora-targets": cfg.lora_targets is not None,
+             "--lora-train-pooler": cfg.lora_train_pooler}
+    given = [flag for flag, on in flags.items() if on]
+    if cfg.lora_adapter is not None:
+        if given:
+            raise ValueError(f"{given[0]} with --lora-adapter: the adapter's adapter_config.json sets rank, alpha, "
+                             "dropout and targets; drop the flag")
+        read_adapter_config(cfg.lora_adapter)  # a missing folder or an adapter minibert cannot compute: say so now
+    elif cfg.lora_rank is None:
+        if given:
+            raise ValueError(f"{given[0]} needs --lora-rank R (LoRA of rank R, e.g. 8) or --lora-adapter DIR")
+        return None
+    # Other ways of choosing what trains: with LoRA their meaning would be unclear.
+    for flag, used in (("--freeze-layers", cfg.freeze_layers), ("--layer-lr-decay", cfg.layer_lr_decay != 1.0),
+                       ("--reinit-layers", cfg.reinit_layers)):
+        if used:
+            raise ValueError(f"{flag} with LoRA: LoRA already decides what trains (the LoRA weights and the head); "
+                             f"drop {flag}, or drop LoRA to fine-tune layers in full")
+    if cfg.crf:  # peft's token classifier is transformers' BertForTokenClassification, which has no CRF
+        raise ValueError("--crf with LoRA: a peft adapter cannot carry the CRF's transition scores; drop --crf, or drop "
+                         "LoRA to train the CRF with the whole model")
+    if cfg.lora_adapter is not None:
+        return None
+    return LoraSettings(rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha,
+                        dropout=0.1 if cfg.lora_dropout is None else cfg.lora_dropout,
+                        targets=tuple(t.strip() for t in (cfg.lora_targets or "query,value").split(",") if t.strip()),
+                        train_pooler=cfg.lora_train_pooler)
+
+
+def count_weights(model) -> tuple[int, int]:
+    """(trainable, total) weights: what the log and train_results.json report."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
 def build_model(cfg: FinetuneConfig, task: F.TaskData, vocab, init_dir: Path):
     # A resumed run's weights come from its checkpoint: what --init lacks is no news then.
     model = F.build_model(task.task_type, vocab, init_dir, reinit_head=cfg.reinit_head, attn_impl=cfg.attn_impl,
                           dropout=cfg.dropout, freeze_embeddings=cfg.freeze_embeddings, freeze_layers=cfg.freeze_layers,
                           reinit_layers=cfg.reinit_layers, config_overrides=config_overrides(cfg.config),
+                          lora=lora_settings(cfg), lora_adapter=cfg.lora_adapter, lora_base=cfg.init,
                           verbose=not cfg.resume, crf=cfg.crf)
     model.config.extra.pop(THRESHOLDS_KEY, None)  # an --init's thresholds do not fit the model trained now
     if task.task_type == "token-classification":
@@ -212,6 +268,13 @@ def build_model(cfg: FinetuneConfig, task: F.TaskData, vocab, init_dir: Path):
         if scheme is None and any(label[:2] in ("B-", "I-") for label in vocab.labels):
             logger.info("minibert: the training tags break the BIO rules (I- after O: IOB1, as CoNLL-2003's original "
                         "files): predictions take each word's most probable tag, without sequence constraints")
+    trainable, total = count_weights(model)
+    how = ""
+    if isinstance(model, LoraModel):
+        lora = model.settings
+        how = (f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)} of {len(model.model.bert.layers)} "
+               f"layers, the classifier{' and pooler' if lora.train_pooler else ''} in full: ")
+    logger.info("minibert: %s%s of %s weights train (%.2f%%)", how, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
 
 
@@ -290,9 +353,15 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
     model, dist = trainer.model, trainer.dist
     results = {"eval": None, "test": None, "output_dir": str(out_dir), "train": train_stats}
     if dist.is_main:
-        write_json(out_dir / "train_results.json", train_stats)
         if state.best_step is None:  # a resumed run that had nothing left to do
             model.save_pretrained(out_dir, tokenizer=tokenizer)
+        train_stats["trainable_parameters"], train_stats["total_parameters"] = count_weights(model)
+        if isinstance(model, LoraModel):
+            adapter = out_dir / "adapter"
+            train_stats["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir() if f.is_file())
+            logger.info("minibert: the LoRA adapter (%.1f kB) in %s; the merged model in %s",
+                        train_stats["adapter_bytes"] / 1e3, adapter, out_dir)
+        write_json(out_dir / "train_results.json", train_stats)
         best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
         results["eval"] = json.loads((out_dir / "eval_results.json").read_text()) if (out_dir / "eval_results.json").exists() else None
         pad_id = tokenizer.token_to_id("[PAD]")
@@ -436,6 +505,16 @@ def prediction_records(task: F.TaskData, examples, outputs, features, vocab, dec
     return records
 
 
+def adapter_head(adapter_dir: str) -> tuple[str, int]:
+    """Which classifier a LoRA adapter brings ("token" or "sequence") and its number of outputs."""
+    config = read_adapter_config(adapter_dir)
+    weight = read_adapter_weights(Path(adapter_dir)).get("base_model.model.classifier.weight")
+    if weight is None:
+        raise DataError(f"--predict-only: the adapter {adapter_dir} has no classifier to label with (it trained none); "
+                        "fine-tune it on labelled data first (drop --predict-only)")
+    return ("token" if config.get("task_type") == "TOKEN_CLS" else "sequence"), int(weight.shape[0])
+
+
 def predict_only(cfg: FinetuneConfig) -> dict:
     """--predict-only: a fine-tuned model (--init) labels --test-file; nothing is trained."""
     if not cfg.test_file:
@@ -446,12 +525,17 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     init_dir = resolve_model_dir(cfg.init)
     config = BertConfig.from_json_file(init_dir / "config.json")
     kind = F.classifier_kind(config, init_dir)
+    if cfg.lora_adapter is not None:  # the head is the adapter's; peft keeps no label names, so they are the ids
+        kind, num_labels = adapter_head(cfg.lora_adapter)
+        config = config.replace(num_labels=num_labels, id2label=None, problem_type=None)
     if kind == "token":
         task_type = "token-classification"
     elif kind == "sequence":
         guess = "regression" if config.num_labels == 1 else "classification"  # HF's rule without a problem_type
         task_type = {"regression": "regression", "multi_label_classification": "multilabel",
                      "single_label_classification": "classification"}.get(config.problem_type, guess)
+        if cfg.lora_adapter is not None and cfg.task_type == "multilabel":  # an adapter cannot tell, the user can
+            task_type = "multilabel"
     else:
         raise DataError(f"--predict-only needs a fine-tuned model as --init, and {cfg.init} has no classifier head: "
                         "fine-tune it first (drop --predict-only)")
@@ -471,8 +555,13 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     check_attention_backend(cfg.attn_impl, device)
     precision = resolve_precision(cfg.precision, device)
     overrides = {"attn_impl": cfg.attn_impl} if cfg.attn_impl else {}
-    crf = task_type == "token-classification" and (init_dir / CRF_FILE).is_file()
-    model = F.model_class(task_type, crf=crf).from_pretrained(str(init_dir), verbose=False, **overrides)
+    if cfg.lora_adapter is None:
+        crf = task_type == "token-classification" and (init_dir / CRF_FILE).is_file()
+        model = F.model_class(task_type, crf=crf).from_pretrained(str(init_dir), verbose=False, **overrides)
+    else:
+        model = F.model_class(task_type).from_pretrained(str(init_dir), verbose=False, reinit_head=True,
+                                                         num_labels=config.num_labels, **overrides)
+        model = LoraModel.from_adapter(model, cfg.lora_adapter, base=cfg.init)
     decoding = Decoding.of(model, task_type, vocab, cfg.constrained_decoding)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     autocast = lambda: torch.autocast(device.type, dtype=dtypes[precision]) if precision in dtypes else contextlib.nullcontext()  # noqa: E731
@@ -544,6 +633,7 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size"),
                  at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
     check_layer_lr_decay(cfg.layer_lr_decay)
+    lora_settings(cfg)  # LoRA flags that contradict each other, or an adapter minibert cannot load
     if cfg.tag_scheme not in SCHEMES:
         raise ValueError(f"--tag-scheme {cfg.tag_scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
     dist = setup_distributed(cfg.device)

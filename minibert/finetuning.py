@@ -45,6 +45,7 @@ from minibert.data.examples import DataError
 from minibert.data.labels import LabelVocab
 from minibert.data.readers import infer_task_type, load_examples
 from minibert.data.tasks import load_glue, movie_reviews
+from minibert.lora import LoraModel, LoraSettings
 from minibert.metrics import greater_is_better
 from minibert.model import (
     BertForSequenceClassification,
@@ -285,12 +286,19 @@ def build_model(
     freeze_layers: int = 0,
     reinit_layers: int = 0,
     config_overrides: dict | None = None,
+    lora: LoraSettings | None = None,
+    lora_adapter: str | Path | None = None,
+    lora_base: str | None = None,
     verbose: bool = True,
     crf: bool = False,
-) -> PreTrainedBert:
+) -> PreTrainedBert | LoraModel:
     """The task's model from --init, with a head for vocab's labels (one output for regression), then the
     bottom layers frozen and the top ones re-initialised as asked. config_overrides: BertConfig fields to
-    set (--config), over every other setting. verbose=False: say nothing of new weights."""
+    set (--config), over every other setting. verbose=False: say nothing of new weights.
+
+    LoRA (minibert/lora.py): `lora` adds new LoRA weights; `lora_adapter` loads an adapter (peft's, or a LoRA
+    run's adapter/) with its own settings and head (reinit_head: a new head instead). lora_base is what the
+    saved adapter names as its base (--init as given; default init_dir)."""
     overrides = dict(
         num_labels=1 if vocab is None else len(vocab),
         id2label={0: "score"} if vocab is None else dict(enumerate(vocab.labels)),
@@ -301,7 +309,9 @@ def build_model(
     if dropout is not None:
         overrides.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     overrides.update(config_overrides or {})
-    model = model_class(task_type, crf=crf).from_pretrained(str(init_dir), reinit_head=reinit_head, verbose=verbose, **overrides)
+    # With an adapter, the head is the adapter's (or new), whatever head --init has.
+    model = model_class(task_type, crf=crf).from_pretrained(str(init_dir), reinit_head=reinit_head or lora_adapter is not None,
+                                                             verbose=verbose, **overrides)
     layers = model.bert.layers
     if freeze_embeddings:
         model.bert.embeddings.requires_grad_(False)
@@ -316,6 +326,10 @@ def build_model(
         for part in [*layers[len(layers) - reinit_layers:], model.bert.pooler]:
             if part is not None:
                 model.init_weights(part)
+    if lora_adapter is not None:
+        return LoraModel.from_adapter(model, lora_adapter, base=lora_base or str(init_dir), load_head=not reinit_head)
+    if lora is not None:
+        return LoraModel(model, lora, base=lora_base or str(init_dir))
     return model
 
 

@@ -30,18 +30,21 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from minibert.atomic_write import atomic_write
+from minibert.atomic_write import atomic_write, atomic_write_text
 from minibert.checkpoint import _load_file, hf_to_minibert_key, minibert_to_hf_key
 from minibert.config import BertConfig
 from minibert.model import BertForSequenceClassification, BertForTokenClassification
+
+logger = logging.getLogger("minibert")
 
 # ----------------------------------------------------------------------------- the LoRA layer
 
@@ -158,6 +161,11 @@ class LoraModel(nn.Module):
             raise ValueError(f"LoRA adapts a sequence or token classifier, not a {type(model).__name__}")
         if settings.train_pooler and model.bert.pooler is None:
             raise ValueError("--lora-train-pooler: a token classifier has no pooler to train")
+        # A pooler the base checkpoint lacks was drawn anew (from_pretrained's new_keys), and transformers would
+        # draw another one under the adapter: it has to train and be saved with it.
+        if any(k.startswith("bert.pooler.") for k in getattr(model, "new_keys", ())) and not settings.train_pooler:
+            logger.info("minibert: the base model has no pooler: the new one trains in full, and is saved in the adapter")
+            settings = replace(settings, train_pooler=True)
         self.model, self.settings = model, settings
         # What adapter_config.json names as the base: a hub id as given, a local directory as an absolute
         # path (so that a run resumes from any working directory).
@@ -250,8 +258,7 @@ class LoraModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = self.adapter_state_dict()
         atomic_write(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(self.adapter_config(), indent=2) + "\n"
-        atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(directory / "adapter_config.json", json.dumps(self.adapter_config(), indent=2) + "\n")
         return sum((directory / name).stat().st_size for name in ("adapter_model.safetensors", "adapter_config.json"))
 
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
@@ -270,12 +277,11 @@ class LoraModel(nn.Module):
         if not adapter.get("base_model_name_or_path") or adapter.get("task_type") not in TASK_TYPES:
             raise ValueError(f"{directory / 'adapter'} does not name its base model and task: load it with "
                              "LoraModel.from_adapter(model, directory) on a model of its base")
-        task_settings = ("num_labels", "id2label", "problem_type", "classifier_dropout", "hidden_dropout_prob",
-                         "attention_probs_dropout_prob", "attn_impl", "unpad")
-        # reinit_head: the head is the adapter's, whatever head the base has.
+        # Every setting as the run had it (labels, dropout, fewer layers, ...); reinit_head: the head is the
+        # adapter's, whatever head the base has.
+        settings = {f.name: getattr(config, f.name) for f in fields(BertConfig) if f.name != "extra"}
         model = TASK_TYPES[adapter["task_type"]].from_pretrained(
-            adapter["base_model_name_or_path"], reinit_head=True, verbose=verbose,
-            **{name: getattr(config, name) for name in task_settings})
+            adapter["base_model_name_or_path"], reinit_head=True, verbose=verbose, **settings)
         return cls.from_adapter(model, directory / "adapter")
 
     @classmethod
@@ -311,7 +317,7 @@ class LoraModel(nn.Module):
         if misfits:
             raise ValueError(f"the adapter in {directory} changes {', '.join(misfits[:2])}{', ...' if len(misfits) > 2 else ''}, "
                              "which minibert's LoRA does not train: it adapts the encoder's Linear layers "
-                             f"({', '.join(CANONICAL.values())}) and trains the classifier and pooler whole")
+                             f"({', '.join(CANONICAL[linear] for linear in LAYER_ORDER)}) and trains the classifier and pooler whole")
         adapted = sorted({k.rsplit(".", 2)[0] for k in state if ".lora_" in k})
         if not adapted:
             raise ValueError(f"the adapter in {directory} holds no LoRA weights (lora_A, lora_B): it is not a LoRA adapter")
@@ -329,6 +335,9 @@ class LoraModel(nn.Module):
                                 dropout=float(config.get("lora_dropout") or 0.0),
                                 targets=tuple(CANONICAL[linear] for linear in linears),
                                 train_pooler=any(k.startswith("bert.pooler.") for k in state))
+        if any(k.startswith("bert.pooler.") for k in getattr(model, "new_keys", ())) and not settings.train_pooler:
+            raise ValueError(f"the base model has no pooler and the adapter in {directory} brings none: it was trained "
+                             "on another base model, one with a pooler")
         wrapped = cls(model, settings, base=base or config.get("base_model_name_or_path"))
         if not load_head:
             state = {k: v for k, v in state.items() if not k.startswith("classifier.")}

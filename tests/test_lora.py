@@ -151,6 +151,23 @@ def test_minibert_adapter_gives_the_same_logits_in_peft_and_merged_in_transforme
     assert all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
 
 
+def test_a_pooler_the_base_lacks_trains_and_travels_in_the_adapter(tmp_path):
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_hf_config(), add_pooling_layer=False).save_pretrained(tmp_path / "base")
+    model = BertForSequenceClassification.from_pretrained(str(tmp_path / "base"), num_labels=3, verbose=False)
+    lora = LoraModel(model, LoraSettings(rank=4))
+    assert lora.settings.train_pooler and model.bert.pooler.dense.weight.requires_grad
+    lora = train(lora)
+    lora.save_adapter(tmp_path / "adapter")
+    # transformers draws its own pooler for this base: only the adapter's makes the logits the same.
+    theirs = peft.PeftModel.from_pretrained(hf_classifier(tmp_path / "base", BertForSequenceClassification), tmp_path / "adapter")
+    assert (logits(theirs.eval()) - logits(lora)).abs().max() <= ATOL
+    no_pooler = save_peft(tmp_path / "base", tmp_path / "peft", peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    with pytest.raises(ValueError, match="the base model has no pooler and the adapter .* brings none"):
+        LoraModel.from_adapter(BertForSequenceClassification.from_pretrained(str(tmp_path / "base"), num_labels=3,
+                                                                             verbose=False), no_pooler)
+
+
 @pytest.mark.parametrize("mb_cls", [BertForSequenceClassification, BertForTokenClassification])
 def test_peft_adapter_gives_the_same_logits_in_minibert(base_dir, tmp_path, mb_cls):
     torch.manual_seed(3)
@@ -224,3 +241,228 @@ def test_adapters_minibert_cannot_compute_are_refused(base_dir, tmp_path):
         LoraModel.from_adapter(two_labels, three_labels)
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json: pass the folder peft's save_pretrained wrote"):
         LoraModel.from_adapter(model(), base_dir)
+
+
+# ----------------------------------------------------------------------------- train_finetune.py --lora-*
+
+POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny"]
+NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny"]
+
+
+def write_csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    return path
+
+
+def sentiment_csv(path, n=24):
+    return write_csv(path, [(POSITIVE[i % 4], "pos") if i % 2 == 0 else (NEGATIVE[i % 4], "neg") for i in range(n)])
+
+
+def finetune(tiny_init_dir, out, *args, **kwargs):
+    import train_finetune
+
+    argv = ["--init", str(tiny_init_dir), "--output-dir", str(out), "--batch-size", "4", "--no-progress", "--seed", "0",
+            *map(str, args)]
+    return train_finetune.main(argv, **kwargs)
+
+
+def test_lora_run_writes_a_merged_model_and_an_adapter_that_give_its_predictions(tiny_init_dir, tmp_path):
+    train = sentiment_csv(tmp_path / "train.csv")
+    results = finetune(tiny_init_dir, tmp_path / "out", "--train-file", train, "--validation-file", train, "--test-file", train,
+                       "--max-steps", 6, "--eval-steps", 3, "--lr", "1e-2", "--lora-rank", 4, "--lora-targets", "query,value,down")
+    out = tmp_path / "out"
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    probs = torch.tensor([[p["probabilities"]["neg"], p["probabilities"]["pos"]] for p in predictions])
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    inputs = tok([p["text"] for p in predictions], return_tensors="pt", padding=True)
+    # The merged model in transformers gives the run's own predictions.
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        merged_logits = merged(**inputs).logits
+    assert len(predictions) == 24 and (merged_logits.softmax(-1) - probs).abs().max() <= 1e-5
+    # The adapter, by peft on transformers' model of --init, gives the same logits.
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir, num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        assert (theirs(**inputs).logits - merged_logits).abs().max() <= ATOL
+    # Only the adapted layers and the head differ from --init; the counts are the LoRA model's.
+    init = load_file(tiny_init_dir / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+    changed = {k for k in init if not torch.equal(init[k], trained["bert." + k])}
+    assert changed == {f"encoder.layer.{i}.{m}.weight" for i in range(2)
+                       for m in ("attention.self.query", "attention.self.value", "output.dense")}
+    lora = (2 * 4 * (32 + 32)) * 2 + 4 * (37 + 32) * 2  # A and B of query and value, and of output.dense, in 2 layers
+    assert results["train"]["trainable_parameters"] == lora + 2 * 32 + 2
+    assert results["train"]["total_parameters"] == sum(t.numel() for t in init.values() if t.is_floating_point()) + lora + 2 * 32 + 2
+    assert results["train"]["adapter_bytes"] == sum(f.stat().st_size for f in (out / "adapter").iterdir())
+    assert json.loads((out / "train_results.json").read_text()) == results["train"]
+
+
+@pytest.mark.parametrize("task_type, rows", [
+    ("regression", list(zip(POSITIVE + NEGATIVE, [3.5, 2.0, 1.5, 3.0, -2.5, -1.0, -3.5, -0.5]))),
+    ("multilabel", [(t, "good|fun" if i % 2 else "bad") for i, t in enumerate(POSITIVE + NEGATIVE)]),
+    ("token-classification", None),
+])
+def test_lora_works_with_every_task_type(tiny_init_dir, tmp_path, task_type, rows):
+    if rows is None:
+        train = tmp_path / "train.jsonl"
+        train.write_text("".join(json.dumps({"tokens": t.split(), "tags": ["B-X" if i == 0 else "O" for i in range(len(t.split()))]})
+                                 + "\n" for t in POSITIVE + NEGATIVE))
+    else:
+        train = write_csv(tmp_path / "train.csv", rows)
+    finetune(tiny_init_dir, tmp_path / "out", "--train-file", train, "--validation-file", train, "--task-type", task_type,
+             "--max-steps", 3, "--lr", "1e-2", "--lora-rank", 2, "--lora-targets", "key,intermediate")
+    out = tmp_path / "out"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == ("TOKEN_CLS" if task_type == "token-classification" else "SEQ_CLS")
+    lora = LoraModel.from_pretrained(out, verbose=False).eval()
+    mb_cls = BertForTokenClassification if task_type == "token-classification" else BertForSequenceClassification
+    merged = mb_cls.from_pretrained(str(out), verbose=False).eval()
+    assert merged.config.problem_type == lora.config.problem_type
+    assert (logits(lora) - logits(merged)).abs().max() <= ATOL
+
+
+def test_lora_resume_is_exact(tiny_init_dir, tmp_path):
+    train = sentiment_csv(tmp_path / "train.csv")
+    args = ["--train-file", train, "--validation-file", train, "--max-steps", 6, "--eval-steps", 2, "--lr", "1e-2",
+            "--lora-rank", 4, "--lora-dropout", 0.2, "--lora-train-pooler"]
+    finetune(tiny_init_dir, tmp_path / "a", *args)
+    assert finetune(tiny_init_dir, tmp_path / "b", *args, _stop_after_steps=5) == {"stopped_at": 5}
+    assert (tmp_path / "b" / "checkpoint" / "adapter" / "adapter_model.safetensors").is_file()  # saved at step 4
+    import train_finetune
+
+    train_finetune.main(["--output-dir", str(tmp_path / "b"), "--resume", "--no-progress"])
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    losses = lambda d: [r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                        if r["split"] == "train"]
+    assert losses("a") == losses("b") and len(losses("a")) == 6
+
+
+def peft_adapter_for(tiny_init_dir, directory, num_labels=2, seed=5):
+    """An adapter peft made on transformers' model of tiny_init_dir, its weights moved off their start."""
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir, num_labels=num_labels)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    theirs.save_pretrained(directory)
+    return theirs.eval()
+
+
+def test_a_peft_adapter_predicts_and_trains_further(tiny_init_dir, tmp_path):
+    theirs = peft_adapter_for(tiny_init_dir, tmp_path / "peft")
+    texts = write_csv(tmp_path / "texts.csv", [(t, i % 2) for i, t in enumerate(POSITIVE + NEGATIVE)])  # labels: class ids
+    finetune(tiny_init_dir, tmp_path / "predicted", "--lora-adapter", tmp_path / "peft", "--predict-only", "--test-file", texts)
+    predictions = [json.loads(line) for line in (tmp_path / "predicted" / "predictions.jsonl").read_text().splitlines()]
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_init_dir)
+    with torch.no_grad():
+        expected = theirs(**tok([p["text"] for p in predictions], return_tensors="pt", padding=True)).logits.softmax(-1)
+    got = torch.tensor([[p["probabilities"]["0"], p["probabilities"]["1"]] for p in predictions])
+    assert (got - expected).abs().max() <= ATOL  # peft names no labels: they are the class ids
+    assert (tmp_path / "predicted" / "test_results.json").is_file()
+    # Training it further, on labels that are the class ids.
+    finetune(tiny_init_dir, tmp_path / "more", "--lora-adapter", tmp_path / "peft", "--train-file", texts,
+             "--validation-file", texts, "--max-steps", 2, "--lr", "1e-2")
+    config = json.loads((tmp_path / "more" / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["task_type"]) == (2, 4, "SEQ_CLS")
+    before = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "more" / "adapter" / "adapter_model.safetensors")
+    assert after.keys() == before.keys() and all(not torch.equal(after[k], before[k]) for k in after)
+
+
+def test_lora_on_two_processes(tiny_init_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the LoRA run trains and writes an adapter peft loads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train = sentiment_csv(tmp_path / "train.csv")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parents[1] / "train_finetune.py"), "--init", str(tiny_init_dir), "--train-file", str(train),
+           "--validation-file", str(train), "--output-dir", str(tmp_path / "out"), "--batch-size", "4", "--max-steps", "3",
+           "--no-progress", "--lora-rank", "4"]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir, num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    inputs = transformers.AutoTokenizer.from_pretrained(tiny_init_dir)(POSITIVE, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert (theirs(**inputs).logits - merged(**inputs).logits).abs().max() <= ATOL
+
+
+def test_lora_on_the_triton_backend_matches_eager():
+    pytest.importorskip("triton")
+    from minibert import BertConfig
+    from minibert.kernels import triton_available
+
+    ok, why = triton_available()
+    if not ok:
+        pytest.skip(why)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on a CPU
+    config = BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+                        attn_impl="eager")
+    torch.manual_seed(0)
+    models = []
+    for attn_impl in ("eager", "triton"):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config.replace(attn_impl=attn_impl))
+        torch.manual_seed(1)
+        models.append(LoraModel(model, LoraSettings(rank=4, dropout=0.0)).to(device))
+    with torch.no_grad():  # B away from zero, so that the LoRA path counts
+        for lora in models:
+            for layer in lora.lora_layers().values():
+                layer.lora_B.weight.copy_(torch.linspace(-0.1, 0.1, layer.lora_B.weight.numel()).view_as(layer.lora_B.weight))
+    ids, mask, types = (t.to(device) for t in padded_batch(lengths=(7, 3, 1, 5)))
+    outs = [lora(ids, mask, types, labels=torch.tensor([0, 2, 1, 1], device=device)) for lora in models]
+    assert (outs[0].logits - outs[1].logits).abs().max() < 1e-5
+    for out in outs:
+        out.loss.backward()
+    grads = [{n: p.grad for n, p in lora.named_parameters() if p.requires_grad} for lora in models]
+    assert len(grads[0]) == 2 * 2 * 2 + 2
+    for name, grad in grads[0].items():
+        assert (grad - grads[1][name]).abs().max() <= 1e-5 * max(1.0, grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-rank", "0"], "--lora-rank must be a positive integer, got 0"),
+    (["--lora-rank", "8", "--lora-targets", "query,dense"], r"--lora-targets: unknown name\(s\) 'dense'"),
+    (["--lora-rank", "8", "--freeze-layers", "1"], "--freeze-layers with LoRA: LoRA already decides what trains"),
+    (["--lora-rank", "8", "--layer-lr-decay", "0.9"], "--layer-lr-decay with LoRA"),
+    (["--lora-rank", "8", "--reinit-layers", "1"], "--reinit-layers with LoRA"),
+    (["--lora-rank", "8", "--crf"], "--crf with LoRA: a peft adapter cannot carry the CRF's transition scores"),
+    (["--lora-alpha", "16"], "--lora-alpha needs --lora-rank R"),
+    (["--lora-adapter", "{peft}", "--lora-rank", "8"], "--lora-rank with --lora-adapter: the adapter's adapter_config.json sets"),
+    (["--lora-adapter", "{missing}"], "--lora-adapter .*missing: no such directory"),
+    (["--lora-adapter", "{ia3}"], "is a IA3 adapter; minibert loads LoRA adapters only"),
+    (["--lora-adapter", "{wider}"], r"has shape \(8, 48\) but --init's needs \(8, 32\)"),
+    (["--lora-adapter", "{three}"], "classifier has 3 outputs but the task has 2: pass --reinit-head"),
+])
+def test_bad_lora_input_is_a_one_line_error_before_anything_is_written(tiny_init_dir, tmp_path, flags, message):
+    train = sentiment_csv(tmp_path / "train.csv")
+    adapters = {"peft": tmp_path / "peft", "missing": tmp_path / "missing", "ia3": tmp_path / "ia3",
+                "wider": tmp_path / "wider", "three": tmp_path / "three"}
+    if "{peft}" in flags:
+        peft_adapter_for(tiny_init_dir, adapters["peft"])
+    if "{ia3}" in flags:
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir)
+        peft.get_peft_model(hf, peft.IA3Config(task_type="SEQ_CLS", target_modules=["query"], feedforward_modules=[])).save_pretrained(adapters["ia3"])
+    if "{wider}" in flags:
+        save_peft(None, adapters["wider"], peft.LoraConfig(task_type="SEQ_CLS", target_modules=["value"]), hidden_size=48,
+                  num_attention_heads=4, vocab_size=30522)
+    if "{three}" in flags:
+        peft_adapter_for(tiny_init_dir, adapters["three"], num_labels=3)
+    flags = [f.format(**adapters) for f in flags]
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:  # what run_cli prints as one line
+        finetune(tiny_init_dir, tmp_path / "out", "--train-file", train, "--validation-file", train, "--max-steps", 1, *flags)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
