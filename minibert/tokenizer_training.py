@@ -1,5 +1,6 @@
-"""Training a WordPiece tokenizer on a corpus (BERT's uncased recipe), and the cache that keeps a run's
-tokenizer the same from one run to the next."""
+"""Training a WordPiece tokenizer on a corpus (BERT's uncased recipe), by minibert's own deterministic trainer
+(minibert.wordpiece: the same files in every process and on every machine), and the cache that saves a run
+the training."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, trainers
+from tokenizers import Tokenizer
 
+from minibert import wordpiece
 from minibert.pretraining_data.corpus import documents_fingerprint
-from minibert.tokenizer import SPECIAL_TOKENS, bert_text_splitting, bert_wordpiece_tokenizer
+from minibert.tokenizer import SPECIAL_TOKENS, bert_wordpiece_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -34,29 +36,23 @@ def train_wordpiece_tokenizer(
 ) -> Tokenizer:
     """Train BERT's WordPiece tokenizer on documents (lists of paragraphs) or plain strings.
 
-    The recipe of Hugging Face's BertWordPieceTokenizer: BERT's normalizer (clean control
-    characters, space out CJK characters, lower-case and strip accents when ``lowercase``), BERT's
-    pre-tokenizer (split on whitespace and punctuation), WordPiece with ``##`` continuations,
-    min_frequency 2, at most 1000 alphabet characters. Special tokens come first:
+    The recipe of Hugging Face's BertWordPieceTokenizer, with every tie broken by a stated rule
+    (minibert.wordpiece, because tokenizers' own trainer gives another vocabulary in every process:
+    huggingface/tokenizers#1794): BERT's normalizer (clean control characters, space out CJK characters,
+    lower-case and strip accents when ``lowercase``), BERT's pre-tokenizer (split on whitespace and
+    punctuation), WordPiece with ``##`` continuations, min_frequency 2, at most 1000 alphabet characters.
+    The result depends only on the text and the settings. Special tokens come first:
     [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. Encoding a pair gives
     ``[CLS] A [SEP] B [SEP]`` with type ids 0 then 1; padding and truncation are off.
     """
-    tokenizer = bert_text_splitting(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase=lowercase)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        limit_alphabet=1000,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_texts(documents_or_text_iter), trainer=trainer)
-    if tokenizer.get_vocab_size() < vocab_size:  # a small corpus has fewer word pieces seen twice than asked for
+    counts = wordpiece.count_words(_texts(documents_or_text_iter), lowercase=lowercase)
+    tokens = wordpiece.train_wordpiece_vocab(counts, vocab_size, SPECIAL_TOKENS)
+    if len(tokens) < vocab_size:  # a small corpus has fewer word pieces seen twice than asked for
         logger.info("minibert: the corpus gives a vocabulary of %d word pieces, fewer than --vocab-size %d "
-                    "(pieces must occur at least twice); the model is sized to %d", tokenizer.get_vocab_size(),
-                    vocab_size, tokenizer.get_vocab_size())
+                    "(pieces must occur at least twice); the model is sized to %d", len(tokens), vocab_size,
+                    len(tokens))
     # The trained vocabulary in the tokenizer every BERT vocabulary gets (post-processor, decoder, special tokens).
-    return bert_wordpiece_tokenizer(tokenizer.get_vocab(with_added_tokens=True), lowercase=lowercase)
+    return bert_wordpiece_tokenizer({token: i for i, token in enumerate(tokens)}, lowercase=lowercase)
 
 
 def load_or_train_tokenizer(
@@ -69,16 +65,17 @@ def load_or_train_tokenizer(
 ) -> Tokenizer:
     """train_wordpiece_tokenizer, cached as ``cache_root/wordpiece-<key>.json``.
 
-    Needed because training is not reproducible: the tokenizers trainer breaks ties in hash-map
-    order, so two trainings on the same text give different vocabularies (huggingface/tokenizers
-    issue #1794), which would also change the shard cache key on every run. The key hashes
-    ``corpus_id`` (None: the documents' text), vocab_size and lowercase. The file is published with
-    an exclusive hard link, so when two DDP ranks train at once both load the same winner.
+    Training gives the same file every time; the cache saves the training and, with ``corpus_id``, reading
+    the corpus. The key hashes ``corpus_id`` (None: the documents' text), vocab_size, lowercase and the
+    trainer's version (wordpiece.TRAINER_VERSION), so that a tokenizer cached by another trainer (tokenizers'
+    own, before minibert's) is not reused. The file is published with an exclusive hard link, so when two
+    DDP ranks train at once both load the same winner.
     """
     if corpus_id is None:
         documents = [list(d) for d in documents]
         corpus_id = documents_fingerprint(documents)
-    key_source = json.dumps({"corpus": corpus_id, "vocab_size": vocab_size, "lowercase": lowercase}, sort_keys=True)
+    key_source = json.dumps({"corpus": corpus_id, "vocab_size": vocab_size, "lowercase": lowercase,
+                             "trainer": wordpiece.TRAINER_VERSION}, sort_keys=True)
     path = Path(cache_root) / f"wordpiece-{vocab_size}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}.json"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,10 +34,10 @@ word counts, and the counts of the text (tested across processes with different 
 thread settings). Bump TRAINER_VERSION with any change that can change a vocabulary, so that cached
 tokenizers of the old trainer are not reused.
 
-Limitations: the merges run in Python, on the distinct words (63,000 in the built-in corpus of 3 M words:
-about as fast as tokenizers' Rust trainer on 2 cores), in one process; a
-chunk of text that is not plain ASCII (most of a Chinese or Russian text) is split by tokenizers' Python
-bindings, several times slower per word.
+Limitations: the merges run in Python, on the distinct words (61,000 in the built-in corpus of 3 M words:
+less CPU time than tokenizers' Rust trainer, which uses every core; benchmarks/tokenizer_quality.py), in one
+process; a chunk of text that is not plain ASCII (most of a Chinese or Russian text) is split by tokenizers'
+Python bindings, several times slower per word.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-from tokenizers import normalizers, pre_tokenizers
+from tokenizers import Tokenizer, models
+
+from minibert.tokenizer import bert_text_splitting
 
 # Part of the tokenizer cache key: a tokenizer trained by another version of the recipe is not reused.
 TRAINER_VERSION = "minibert-wordpiece-1"
@@ -61,11 +63,11 @@ CONTINUATION_PREFIX = "##"
 # 1. Words.
 
 # Counting through tokenizers' Python bindings costs microseconds a word (each call builds a NormalizedString
-# that tracks offsets): for the built-in corpus, more than the whole rest of training. So the text is first cut at ASCII whitespace
-# into chunks, counted with Counter (in C), and each distinct chunk is split once. For printable ASCII,
-# BERT's normaliser only lower-cases, and its pre-tokenizer makes each punctuation character a word of its
-# own (every printable ASCII character that is not a letter or digit counts as punctuation): one regex. A
-# chunk holding any other character (accents, CJK, curly quotes, control characters) goes through
+# that tracks offsets): for the built-in corpus, more than the whole rest of training. So the text is first
+# cut at ASCII whitespace into chunks, counted with Counter (in C), and each distinct chunk is split once. For
+# printable ASCII, BERT's normaliser only lower-cases, and its pre-tokenizer makes each punctuation character a
+# word of its own (every printable ASCII character that is not a letter or digit counts as punctuation): one
+# regex. A chunk holding any other character (accents, CJK, curly quotes, control characters) goes through
 # tokenizers itself. Neither step acts across ASCII whitespace, so chunk by chunk gives exactly the words of
 # the whole text (tested against tokenizers on mixed text).
 _NOT_PLAIN_ASCII = re.compile(r"[^ -~\t\n\r]")
@@ -73,22 +75,17 @@ _ASCII_WHITESPACE = re.compile(r"[ \t\n\r]+")
 _PLAIN_WORDS = re.compile(r"[0-9A-Za-z]+|[!-/:-@\[-`{-~]")
 
 
-def bert_normalizer(lowercase: bool) -> normalizers.Normalizer:
-    """BERT's uncased (``lowercase``: lower-case and strip accents) or cased normaliser, CJK spaced out."""
-    return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=lowercase,
-                                      lowercase=lowercase)
-
-
 def count_words(texts: Iterable[str], *, lowercase: bool) -> Counter[str]:
-    """How often each word occurs, the words being what ``bert_normalizer(lowercase)`` and BERT's
-    pre-tokenizer make of each text."""
+    """How often each word occurs, the words being what BERT's normaliser (uncased when ``lowercase``) and
+    pre-tokenizer make of each text: those the trained tokenizer splits text with (tokenizer.bert_text_splitting)."""
     chunks: Counter[str] = Counter()
     for text in texts:
         # str.split() cuts at more than ASCII whitespace (\x1c, \x85, ...), which BERT's normaliser deletes.
         chunks.update(_ASCII_WHITESPACE.split(text) if _NOT_PLAIN_ASCII.search(text) else text.split())
 
     counts: Counter[str] = Counter()
-    normalizer, pre_tokenizer = bert_normalizer(lowercase), pre_tokenizers.BertPreTokenizer()
+    splitter = bert_text_splitting(Tokenizer(models.WordPiece()), lowercase=lowercase)
+    normalizer, pre_tokenizer = splitter.normalizer, splitter.pre_tokenizer
     for chunk, n in chunks.items():
         if chunk.isascii() and chunk.isprintable():
             if lowercase:

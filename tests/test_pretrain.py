@@ -294,3 +294,26 @@ def test_flops_per_token_counts_what_a_training_step_multiplies(mask_prob):
         out = model(ids, torch.ones(B, T, dtype=torch.long), labels=labels, next_sentence_label=torch.zeros(B, dtype=torch.long))
         out.loss.backward()
     assert flops_per_token(config, T, masked / T) == pytest.approx(counter.get_total_flops() / (B * T), rel=1e-9)
+
+
+@pytest.mark.slow  # two fresh processes: a few seconds each on a quiet machine
+def test_two_fresh_processes_from_empty_caches_give_the_same_tokenizer_shards_and_weights(corpus, tmp_path):
+    """The README's promise for a CPU: each process trains its own tokenizer (its cache is empty) under another
+    hash seed and tokenizers thread count, and both end with the same files and identical weights."""
+    processes = []
+    for run, hash_seed, rayon_threads in [("a", "1", "1"), ("b", "777", "2")]:
+        env = {**os.environ, "MINIBERT_CACHE": str(tmp_path / f"cache-{run}"), "PYTHONHASHSEED": hash_seed,
+               "RAYON_NUM_THREADS": rayon_threads, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        processes.append(subprocess.Popen([sys.executable, str(ROOT / "train_pretrain.py"), *tiny_args(corpus, tmp_path / run)],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("tokenizer.json", "vocab.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    cached = [{str(p.relative_to(tmp_path / f"cache-{run}")): p.read_bytes()
+               for p in sorted((tmp_path / f"cache-{run}").rglob("*")) if p.is_file()} for run in "ab"]
+    assert any(name.startswith("tokenizers/wordpiece-") for name in cached[0])
+    assert any(name.startswith("pretraining/") for name in cached[0])
+    assert cached[0] == cached[1]  # the trained tokenizer and the shards, under the same cache keys

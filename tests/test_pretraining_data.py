@@ -185,7 +185,6 @@ def test_load_or_train_tokenizer_reuses_the_cached_file(tmp_path):
         raise AssertionError("the cached tokenizer should not read the corpus")
         yield
 
-    # Training itself is not reproducible (huggingface/tokenizers#1794), so equality shows the cache.
     assert load_or_train_tokenizer(unreadable(), 90, tmp_path, corpus_id="tiny").to_str() == first.to_str()
     assert len(list(tmp_path.glob("wordpiece-*.json"))) == 1
     assert not list(tmp_path.glob(".tmp-*"))

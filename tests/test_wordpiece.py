@@ -1,16 +1,27 @@
 """Tests of minibert.wordpiece: word counting against tokenizers' own BERT normaliser and pre-tokenizer, the
-trainer against merges worked out by hand and against a naive trainer written straight from the recipe."""
+trainer against merges worked out by hand and against a naive trainer written straight from the recipe; and of
+the tokenizer tokenizer_training makes with it: byte-identical files from processes with other hash seeds and
+thread counts, encoded by transformers exactly as by minibert, retrained when the trainer's version changes."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from tokenizers import normalizers, pre_tokenizers
 
+from minibert import wordpiece
+from minibert.tokenizer import load_tokenizer, save_tokenizer
+from minibert.tokenizer_training import load_or_train_tokenizer, train_wordpiece_tokenizer
 from minibert.wordpiece import count_words, train_wordpiece_vocab
 
+ROOT = Path(__file__).parents[1]
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # Everything the shortcut for plain ASCII must hand on to tokenizers, next to text it handles itself.
@@ -113,3 +124,76 @@ def test_bad_sizes_and_specials_are_refused():
         train_wordpiece_vocab({"abc": 3}, 9, SPECIALS)  # 5 specials, a b c, ##b ##c
     with pytest.raises(ValueError, match="repeat"):
         train_wordpiece_vocab({"abc": 3}, 100, ("[PAD]", "[PAD]"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The trained tokenizer: the same files in every process, read alike by transformers.
+
+# Every 3-letter word over 7 letters, each twice: nearly every pair of pieces is as frequent as many others.
+TIED_TEXT = " ".join("".join(w) for w in itertools.product("abcdefg", repeat=3))
+# 1,500 different Chinese characters, each twice (more than the 1,000 the alphabet keeps, all equally
+# frequent: which are kept is a tie), and kana words, whose characters BERT does not split apart.
+CJK_TEXT = "".join(chr(0x4E00 + 7 * i) for i in range(1500)) + " " + " ".join(
+    "".join(w) for w in itertools.product("かきくけこさしすせそ", repeat=2))
+
+TRAIN_AND_SAVE = """
+import sys
+from pathlib import Path
+from minibert.tokenizer import save_tokenizer
+from minibert.tokenizer_training import train_wordpiece_tokenizer
+sys.path.insert(0, sys.argv[2])  # the tests folder
+from test_wordpiece import CJK_TEXT, TIED_TEXT
+for name, texts in {"tied": [TIED_TEXT] * 2 + ["Déjà vu, CAFÉ, naïve."] * 2, "cjk": [CJK_TEXT] * 2}.items():
+    out = Path(sys.argv[1]) / name
+    out.mkdir(parents=True)
+    save_tokenizer(train_wordpiece_tokenizer(texts, 1600), out)
+"""
+
+
+@pytest.mark.slow  # two fresh processes that import torch: a few seconds on a quiet machine
+def test_training_gives_byte_identical_files_whatever_the_hash_seed_and_threads(tmp_path):
+    outputs, processes = [], []
+    for hash_seed, threads in [("1", "1"), ("4242", "2")]:  # at once: most of each one's time is importing torch
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "RAYON_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
+               "TOKENIZERS_PARALLELISM": "true" if threads != "1" else "false", "PYTHONPATH": str(ROOT)}
+        outputs.append(tmp_path / f"seed{hash_seed}")
+        processes.append(subprocess.Popen([sys.executable, "-c", TRAIN_AND_SAVE, str(outputs[-1]),
+                                           str(ROOT / "tests")], env=env, cwd=tmp_path))
+    assert [process.wait(timeout=300) for process in processes] == [0, 0]
+    for corpus in ("tied", "cjk"):
+        for name in ("vocab.txt", "tokenizer.json"):
+            first, second = (out / corpus / name for out in outputs)
+            assert first.read_bytes() == second.read_bytes(), f"{corpus}/{name} differs between the processes"
+    cjk_vocab = (outputs[0] / "cjk" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    # The 10 kana (40 times each) and, of the 1,500 Chinese characters seen twice each, the first 990 by code point.
+    assert cjk_vocab[5:1005] == sorted("かきくけこさしすせそ") + [chr(0x4E00 + 7 * i) for i in range(990)]
+    tied_vocab = (outputs[0] / "tied" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert tied_vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and "deja" in tied_vocab
+
+
+def test_transformers_encodes_the_saved_tokenizer_as_minibert_does(tmp_path):
+    from transformers import AutoTokenizer, BertTokenizer
+
+    texts = ["The runners ran; a café in Zürich — naïve déjà vu!", "东京 再见, 北京大学 and かきく words",
+             "ΟΔΟΣ Straße İstanbul ½ ² ﬁne", TIED_TEXT[:400], CJK_TEXT[:300]]
+    trained = train_wordpiece_tokenizer(texts * 3, 700)
+    save_tokenizer(trained, tmp_path)
+    probes = [("Runners in Zürich: naïve, DÉJÀ VU! 再见北京 かきくけ xyzzy ½", None),
+              ("A café?", "東京 ΟΔΟΣ straße — abc dfg")]
+    for reference in (AutoTokenizer.from_pretrained(tmp_path), BertTokenizer.from_pretrained(tmp_path)):
+        for minibert_tokenizer in (trained, load_tokenizer(tmp_path)):
+            for a, b in probes:
+                encoding = minibert_tokenizer.encode(a, b) if b else minibert_tokenizer.encode(a)
+                expected = reference(a, b) if b else reference(a)
+                assert expected["input_ids"] == encoding.ids, (type(reference).__name__, a)
+                assert expected["token_type_ids"] == encoding.type_ids
+    pieces = trained.encode(probes[0][0]).tokens
+    assert "再" in pieces and "[UNK]" in pieces  # CJK split into characters; "½" was never seen
+
+
+def test_a_tokenizer_of_another_trainer_version_is_not_reused_from_the_cache(tmp_path, monkeypatch):
+    documents = [["Runners ran and readers read.", "再见, café."]] * 5
+    first = load_or_train_tokenizer(documents, 60, tmp_path, corpus_id="tiny")
+    monkeypatch.setattr(wordpiece, "TRAINER_VERSION", "a-trainer-before-this-one")
+    assert load_or_train_tokenizer(documents, 60, tmp_path, corpus_id="tiny").to_str() == first.to_str()
+    assert len(list(tmp_path.glob("wordpiece-*.json"))) == 2  # trained again, under its own key
