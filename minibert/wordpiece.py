@@ -34,7 +34,7 @@ word counts, and the counts of the text (tested across processes with different 
 thread settings). Bump TRAINER_VERSION with any change that can change a vocabulary, so that cached
 tokenizers of the old trainer are not reused.
 
-Limitations: the merges run in Python, on the distinct words (61,000 in the built-in corpus of 3 M words:
+Limitations: the merges run in Python, on the distinct words (63,000 in the built-in corpus of 3 M words:
 less CPU time than tokenizers' Rust trainer, which uses every core; benchmarks/tokenizer_quality.py), in one
 process; a chunk of text that is not plain ASCII (most of a Chinese or Russian text) is split by tokenizers'
 Python bindings, several times slower per word.
