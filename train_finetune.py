@@ -523,7 +523,7 @@ def predict_only(cfg: FinetuneConfig) -> dict:
         raise ValueError("--tune-thresholds picks thresholds on a validation set, and --predict-only has none: tune "
                          "them while fine-tuning (the model keeps them in its config.json)")
     init_dir = resolve_model_dir(cfg.init)
-    config = BertConfig.from_json_file(init_dir / "config.json")
+    config = BertConfig.from_json_file(init_dir / "config.json", **config_overrides(cfg.config))
     kind = F.classifier_kind(config, init_dir)
     if cfg.lora_adapter is not None:  # the head is the adapter's; peft keeps no label names, so they are the ids
         kind, num_labels = adapter_head(cfg.lora_adapter)
@@ -542,11 +542,12 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     vocab = None if task_type == "regression" else LabelVocab(F.checkpoint_labels(config))
     max_length = F.max_length_for(config, cfg.max_length, cfg.init)
     tokenizer = load_tokenizer(init_dir)
-    F.check_tokenizer_fits(tokenizer, config, cfg.init, text_pairs=bool(cfg.text_pair_column))
+    # New data for a model has the columns it was trained on, more often than not: those are the defaults.
+    columns = {**F.saved_columns(init_dir), **{name: getattr(cfg, name) for name in F.COLUMN_SETTINGS if getattr(cfg, name)}}
+    F.check_tokenizer_fits(tokenizer, config, cfg.init, text_pairs=bool(columns.get("text_pair_column")))
     # Gold spans of a labelled test file are tagged as the model was trained (a CoNLL-trained model: --tag-scheme).
     scheme = config.extra.get(TAG_SCHEME_KEY) if config.extra.get(TAG_SCHEME_KEY) in SCHEMES else cfg.tag_scheme
-    columns = dict(text_column=cfg.text_column, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
-                   tokenizer=tokenizer, tag_scheme=scheme)
+    columns.update(tokenizer=tokenizer, tag_scheme=scheme)
     examples = load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
     pad_id = tokenizer.token_to_id("[PAD]")
     features = encode_examples(tokenizer, examples, max_length=max_length, task_type=task_type, label_vocab=vocab,
@@ -554,13 +555,13 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     device = setup_distributed(cfg.device).device
     check_attention_backend(cfg.attn_impl, device)
     precision = resolve_precision(cfg.precision, device)
-    overrides = {"attn_impl": cfg.attn_impl} if cfg.attn_impl else {}
+    overrides = {**({"attn_impl": cfg.attn_impl} if cfg.attn_impl else {}), **config_overrides(cfg.config)}
     if cfg.lora_adapter is None:
         crf = task_type == "token-classification" and (init_dir / CRF_FILE).is_file()
         model = F.model_class(task_type, crf=crf).from_pretrained(str(init_dir), verbose=False, **overrides)
     else:
         model = F.model_class(task_type).from_pretrained(str(init_dir), verbose=False, reinit_head=True,
-                                                         num_labels=config.num_labels, **overrides)
+                                                         **{**overrides, "num_labels": config.num_labels})
         model = LoraModel.from_adapter(model, cfg.lora_adapter, base=cfg.init)
     decoding = Decoding.of(model, task_type, vocab, cfg.constrained_decoding)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}

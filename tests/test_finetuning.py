@@ -1,6 +1,9 @@
 """minibert.finetuning from Python: the steps train_finetune.py runs, called one by one, train the same model."""
 
+import json
+
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_finetune import sentiment_rows, write_csv
@@ -76,3 +79,15 @@ def test_a_fine_tuned_model_remembers_its_column_names(tiny_init_dir, tmp_path):
                          "--no-progress"])
     assert finetuning.saved_columns(out) == {"text_column": "review", "label_column": "stars"}
     assert finetuning.saved_columns(tiny_init_dir) == {}
+    # --predict-only reads new data with the same columns without being told them again.
+    rows = sentiment_rows(6)[::-1]
+    new = write_csv(tmp_path / "new.csv", rows, header=("review", "stars"))
+    results = train_finetune.main(["--init", str(out), "--predict-only", "--test-file", str(new),
+                                   "--output-dir", str(tmp_path / "predicted")])
+    predictions = [json.loads(line) for line in (tmp_path / "predicted" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in predictions] == [text for text, _ in rows]
+    hits = [p["label"] == stars for p, (_, stars) in zip(predictions, rows)]
+    assert results["test"]["accuracy"] == sum(hits) / len(hits)  # scored against the stars column
+    with pytest.raises(ValueError, match="--config nonsense=1: BertConfig has no field 'nonsense'"):  # read there too
+        train_finetune.main(["--init", str(out), "--predict-only", "--test-file", str(new), "--config", "nonsense=1",
+                             "--output-dir", str(tmp_path / "predicted")])
