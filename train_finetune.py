@@ -17,6 +17,9 @@ r"""Fine-tune a pretrained BERT on labelled text: classification, regression, mu
     # Imbalanced classes; multi-label thresholds tuned per label on the validation set
     python train_finetune.py --train-file train.csv --class-weights balanced --best-metric f1
     python train_finetune.py --task-type multilabel --train-file train.jsonl --validation-file dev.jsonl --tune-thresholds
+    # Results over several seeds (mean and std in seeds_results.json; the best run kept); raw probabilities
+    python train_finetune.py --train-file train.csv --validation-file dev.csv --seeds 42,1,2
+    python train_finetune.py --train-file train.csv --validation-file dev.csv --no-calibrate
     # GLUE, from the GLUE download's folders
     python train_finetune.py --init bert-base-uncased --task mrpc --data-dir glue_data/MRPC
     # Several GPUs: the same command under torchrun
@@ -35,7 +38,9 @@ Writes to --output-dir: the best model as an HF directory (config.json with id2l
 tokenizer files) that `--init DIR`, minibert and transformers' AutoModelFor... load; eval_results.json
 and test_results.json; train_results.json (steps, seconds, examples/s); predictions.jsonl for the test set; metrics.jsonl; training_curves.png;
 finetune_config.json (the resolved settings); checkpoint/ while the run is in progress (for --resume). A LoRA
-run's model is the merged one (a plain BERT), and adapter/ holds the adapter in peft's format.
+run's model is the merged one (a plain BERT), and adapter/ holds the adapter in peft's format. test_results.json
+has ece, brier, nll before and after temperature scaling for classifiers (the temperature is in config.json), and
+reliability.png shows them; with --seeds, seeds/seed-N/ per run and seeds_results.json.
 """
 
 from __future__ import annotations
@@ -53,6 +58,17 @@ import torch
 from minibert import finetuning as F
 from minibert.assets import MINILM_HUB_ID
 from minibert.atomic_write import atomic_write_text, write_json
+from minibert.calibration import (
+    CALIBRATED_TASKS,
+    calibration_report,
+    fit_temperature,
+    plot_reliability,
+    probabilities,
+    temperature_for_config,
+    temperature_from_config,
+    top_label,
+)
+from minibert.calibration import CONFIG_KEY as TEMPERATURE_KEY
 from minibert.class_weights import class_weights, weighted_loss
 from minibert.cli import check_counts, config_overrides, parse_settings, run_cli, setup_logging
 from minibert.config import BertConfig
@@ -60,6 +76,7 @@ from minibert.crf import CRF_FILE, BertCRFForTokenClassification
 from minibert.curves import plot_curves
 from minibert.hub import resolve_model_dir
 from minibert.lora import LoraModel, LoraSettings, read_adapter_config, read_adapter_weights
+from minibert.seeds import parse_seeds, run_seeds
 from minibert.metrics import MAIN_METRIC, METRICS, compute_metrics, per_class_scores
 from minibert.spans import entity_spans, span_record
 from minibert.tagging import SCHEMES, CRFWeights, decode_tags, detect_scheme, log_softmax
@@ -128,6 +145,10 @@ class FinetuneConfig:
     # Token classification: decode the most probable valid BIO/BIOES tag sequence (Viterbi, no I- tag after O);
     # --no-constrained-decoding takes each word's most probable tag
     constrained_decoding: bool = True
+    # Classification and multilabel: fit a temperature T on the validation set (temperature scaling, Guo et al.
+    # 2017: fine-tuned BERTs are over-confident), saved in config.json as calibration_temperature and applied to
+    # every probability after it (softmax(logits / T)); labels and accuracy do not change. --no-calibrate: T = 1.
+    calibrate: bool = True
     # --- optimisation (BERT's recipe) ---
     epochs: int = 3
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
@@ -158,6 +179,13 @@ class FinetuneConfig:
     # A LoRA adapter on --init, its base (peft's save_pretrained folder, or a LoRA run's adapter/), to train
     # further or to label --test-file with --predict-only. Its rank, alpha, dropout and targets are its own.
     lora_adapter: str | None = None
+    # Fine-tune once per seed (e.g. 42,1,2), one run after another, each in OUTPUT_DIR/seeds/seed-N/;
+    # seeds_results.json gives the mean and standard deviation of every metric, and the run with the best
+    # validation metric is kept as the model in --output-dir (Devlin et al. 2019 on small tasks)
+    seeds: str | None = None
+    # The seed of the data split: the held-out validation share and the --max-train-examples subset. None: --seed,
+    # or with --seeds the first of them, so that every seed trains and validates on the same examples
+    data_seed: int | None = None
     # --- running ---
     output_dir: str = "runs/finetune"
     eval_steps: int = 0  # evaluate every N optimizer steps; 0 = at the end of each epoch
@@ -194,7 +222,8 @@ def load_data(cfg: FinetuneConfig, tokenizer) -> F.TaskData:
         task=cfg.task, data_dir=cfg.data_dir, train_file=cfg.train_file, validation_file=cfg.validation_file,
         test_file=cfg.test_file, task_type=cfg.task_type, text_column=cfg.text_column,
         text_pair_column=cfg.text_pair_column, label_column=cfg.label_column,
-        validation_fraction=cfg.validation_fraction, max_train_examples=cfg.max_train_examples, seed=cfg.seed,
+        validation_fraction=cfg.validation_fraction, max_train_examples=cfg.max_train_examples,
+        seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
         tokenizer=tokenizer, tag_scheme=cfg.tag_scheme)
 
 
@@ -261,7 +290,9 @@ def build_model(cfg: FinetuneConfig, task: F.TaskData, vocab, init_dir: Path):
                           reinit_layers=cfg.reinit_layers, config_overrides=config_overrides(cfg.config),
                           lora=lora_settings(cfg), lora_adapter=cfg.lora_adapter, lora_base=cfg.init,
                           verbose=not cfg.resume, crf=cfg.crf)
-    model.config.extra.pop(THRESHOLDS_KEY, None)  # an --init's thresholds do not fit the model trained now
+    # An --init's thresholds and temperature do not fit the model trained now.
+    model.config.extra.pop(THRESHOLDS_KEY, None)
+    model.config.extra.pop(TEMPERATURE_KEY, None)
     if task.task_type == "token-classification":
         scheme = detect_scheme([ex.label for ex in task.train], vocab.labels)
         model.config.extra[TAG_SCHEME_KEY] = scheme
@@ -326,7 +357,12 @@ def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeat
                     task.name, task.task_type, len(features.train), len(features.validation),
                     len(features.test) if features.test else 0, total_steps, cfg.batch_size, cfg.grad_accum,
                     dist.world_size)
-    return Run(trainer, state, schedule, epochs, run_config, cfg.best_metric or task.main_metric or MAIN_METRIC[task.task_type])
+    return Run(trainer, state, schedule, epochs, run_config, main_metric_of(cfg, task))
+
+
+def main_metric_of(cfg: FinetuneConfig, task: F.TaskData) -> str:
+    """The validation metric that picks the best checkpoint (and the best of several seeds)."""
+    return cfg.best_metric or task.main_metric or MAIN_METRIC[task.task_type]
 
 
 def train(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatures, vocab, tokenizer,
@@ -351,7 +387,7 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
     run's figures, the training curves; then the resumable state, no longer needed, is removed."""
     trainer, state, out_dir = run.trainer, run.state, Path(cfg.output_dir)
     model, dist = trainer.model, trainer.dist
-    results = {"eval": None, "test": None, "output_dir": str(out_dir), "train": train_stats}
+    results = {"eval": None, "test": None, "output_dir": str(out_dir), "train": train_stats, "main_metric": run.main_metric}
     if dist.is_main:
         if state.best_step is None:  # a resumed run that had nothing left to do
             model.save_pretrained(out_dir, tokenizer=tokenizer)
@@ -365,21 +401,38 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
         best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
         results["eval"] = json.loads((out_dir / "eval_results.json").read_text()) if (out_dir / "eval_results.json").exists() else None
         pad_id = tokenizer.token_to_id("[PAD]")
+        predict_fn = lambda m, f: predict(m, f, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)  # noqa: E731
+        if task.task_type in CALIBRATED_TASKS:  # first T, then any thresholds: they apply to calibrated probabilities
+            results["eval"] = calibrate(best, task, features.validation, vocab, results["eval"], out_dir, tokenizer,
+                                        predict_fn, fit=cfg.calibrate)
         if cfg.tune_thresholds:
             results["eval"] = keep_tuned_thresholds(best, task, features.validation, vocab, results["eval"], out_dir, tokenizer,
-                                                    lambda m, f: predict(m, f, cfg.eval_batch_size, pad_id, dist.device,
-                                                                         trainer.autocast))
+                                                    predict_fn)
         decoding = Decoding.of(best, task.task_type, vocab, cfg.constrained_decoding)
+        temperature = decoding.temperature if cfg.calibrate else None  # None: the results say T = 1 was not fitted
+        outputs = None
         if features.test:
-            outputs = predict(best, features.test, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)
+            outputs = predict_fn(best, features.test)
             records = prediction_records(task, task.test, outputs, features.test, vocab, decoding)
             lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # UTF-8: texts stay readable
             atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
             if features.test[0].label is not None:
                 results["test"] = score(task, outputs, features.test, vocab, decoding)
+                if task.task_type in CALIBRATED_TASKS:
+                    results["test"].update(calibration_report(task.task_type, np.stack(outputs),
+                                                              calibration_labels(features.test), temperature))
                 logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
                 results["test"]["per_class"] = per_class(task, outputs, features.test, vocab, decoding)
                 write_json(out_dir / "test_results.json", results["test"])
+        if task.task_type in CALIBRATED_TASKS:
+            # On the test set when it has labels: T was fitted on the validation set, where "after" would flatter.
+            if results["test"] is not None:
+                split, logits, labels = "test", np.stack(outputs), calibration_labels(features.test)
+            else:
+                split, logits = "validation", np.stack(predict_fn(best, features.validation))
+                labels = calibration_labels(features.validation)
+            plot_calibration(out_dir / "reliability.png", f"{task.name}, {split} set ({len(labels)} examples)",
+                             task.task_type, logits, labels, temperature)
         plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", eval_metrics=(run.main_metric,))
         trainer.remove_checkpoints()
         logger.info("minibert: best %s %.4f (step %s); model in %s", run.main_metric,
@@ -417,7 +470,8 @@ class Decoding:
 
     scheme: str | None = None  # token classification: the tag scheme whose rules decoding keeps; None: argmax
     crf: CRFWeights | None = None  # the CRF's transition scores (--crf models)
-    thresholds: np.ndarray | None = None  # multilabel: (L,) per-label thresholds (0.5 unless tuned)
+    thresholds: np.ndarray | None = None  # multilabel: (L,) per-label thresholds (0.5 unless tuned), on calibrated probabilities
+    temperature: float | list[float] = 1.0  # classification, multilabel: the calibration temperature (one per label for multilabel)
 
     @classmethod
     def of(cls, model, task_type: str, vocab, constrained: bool) -> Decoding:
@@ -426,6 +480,7 @@ class Decoding:
             scheme=extra.get(TAG_SCHEME_KEY) if constrained and task_type == "token-classification" else None,
             crf=model.crf_weights() if isinstance(model, BertCRFForTokenClassification) else None,
             thresholds=threshold_vector(extra.get(THRESHOLDS_KEY), vocab.labels) if task_type == "multilabel" else None,
+            temperature=temperature_from_config(extra, vocab.labels) if task_type in CALIBRATED_TASKS else 1.0,
         )
 
 
@@ -436,10 +491,6 @@ def word_tag_ids(output: np.ndarray, feature, vocab, decoding: Decoding) -> np.n
     return np.array(decode_tags(scores, vocab.labels, decoding.scheme, decoding.crf), dtype=np.int64)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-x))
-
-
 def _predictions(task: F.TaskData, outputs, features, vocab, decoding: Decoding):
     """(predictions, references) as minibert.metrics takes them."""
     if task.task_type == "classification":
@@ -447,7 +498,7 @@ def _predictions(task: F.TaskData, outputs, features, vocab, decoding: Decoding)
     if task.task_type == "regression":
         return np.stack(outputs)[:, 0], np.array([f.label for f in features])
     if task.task_type == "multilabel":
-        decisions = (_sigmoid(np.stack(outputs)) >= decoding.thresholds).astype(np.int64)
+        decisions = (probabilities("multilabel", np.stack(outputs), decoding.temperature) >= decoding.thresholds).astype(np.int64)
         return decisions, np.stack([f.label for f in features])
     preds = [word_tag_ids(o, f, vocab, decoding) for o, f in zip(outputs, features)]
     return preds, [f.label[f.word_ids >= 0] for f in features]
@@ -491,12 +542,12 @@ def prediction_records(task: F.TaskData, examples, outputs, features, vocab, dec
             continue
         record = {"text": ex.text} if ex.text_pair is None else {"text": ex.text, "text_pair": ex.text_pair}
         if task.task_type == "classification":
-            probs = _softmax(out)
+            probs = probabilities("classification", out[None], decoding.temperature)[0]
             record.update(label=vocab.labels[int(probs.argmax())], probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
         elif task.task_type == "regression":
             record["prediction"] = float(out[0])
         else:
-            probs = _sigmoid(out)
+            probs = probabilities("multilabel", out[None], decoding.temperature)[0]
             record.update(labels=[l for l, p, t in zip(vocab.labels, probs, decoding.thresholds) if p >= t],
                           probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
         if ex.label is not None:
@@ -577,6 +628,9 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     results = {"eval": None, "test": None, "output_dir": str(out_dir)}
     if features and features[0].label is not None:
         results["test"] = score(task, outputs, features, vocab, decoding)
+        if task_type in CALIBRATED_TASKS:  # with the uncalibrated figures beside when the model has a temperature
+            temperature = decoding.temperature if TEMPERATURE_KEY in model.config.extra else None
+            results["test"].update(calibration_report(task_type, np.stack(outputs), calibration_labels(features), temperature))
         logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
         results["test"]["per_class"] = per_class(task, outputs, features, vocab, decoding)
         write_json(out_dir / "test_results.json", results["test"])
@@ -598,13 +652,53 @@ def check_task_settings(cfg: FinetuneConfig, task: F.TaskData) -> None:
         raise ValueError("--class-weights and --crf: the CRF's loss is over whole tag sequences, not per tag: drop one")
 
 
+def calibration_labels(features) -> np.ndarray:
+    """The labels calibration compares with: (N,) class ids, or (N, L) multi-hot for multilabel."""
+    return np.stack([f.label for f in features])
+
+
+def calibrate(model, task: F.TaskData, val_features, vocab, eval_results: dict | None, out_dir: Path, tokenizer,
+              predict_fn, fit: bool) -> dict:
+    """Temperature scaling: T fitted on the best model's validation logits (minimum NLL), saved in config.json as
+    calibration_temperature, so that every prediction after it applies it. eval_results.json gains ece, brier and
+    nll at T, the same at T = 1 beside them (ece_uncalibrated, ...) and T itself. fit=False (--no-calibrate):
+    the three at T = 1 only, and no temperature saved."""
+    logits, labels = np.stack(predict_fn(model, val_features)), calibration_labels(val_features)
+    eval_results = dict(eval_results or {})
+    temperature = fit_temperature(task.task_type, logits, labels) if fit else None
+    if temperature is not None:
+        saved = temperature_for_config(temperature, vocab.labels if task.task_type == "multilabel" else None)
+        model.config.extra[TEMPERATURE_KEY] = saved
+        model.save_pretrained(out_dir, tokenizer=tokenizer)
+        eval_results[TEMPERATURE_KEY] = saved
+        logger.info("minibert: calibration temperature %s",
+                    saved if isinstance(saved, dict) else f"{saved:.4f}")
+    report = calibration_report(task.task_type, logits, labels, temperature)
+    logger.info("minibert: validation %s", ", ".join(f"{k} {v:.4f}" for k, v in report.items()))
+    eval_results.update(report)
+    write_json(out_dir / "eval_results.json", eval_results)
+    return eval_results
+
+
+def plot_calibration(path: Path, title: str, task_type: str, logits: np.ndarray, labels: np.ndarray,
+                     temperature: float | list[float] | None) -> None:
+    """reliability.png: accuracy against confidence at T = 1, and at the fitted temperature (None: not fitted)."""
+    curves = {"before (T = 1)": top_label(task_type, logits, labels)}
+    if temperature is not None:
+        shown = f"{temperature:.3g}" if np.ndim(temperature) == 0 else "one per label"
+        curves[f"after (T = {shown})"] = top_label(task_type, logits, labels, temperature)
+    plot_reliability(path, curves, title=title)
+
+
 def keep_tuned_thresholds(model, task: F.TaskData, val_features, vocab, eval_results: dict, out_dir: Path, tokenizer,
                           predict_fn) -> dict:
     """--tune-thresholds: each label's F1-best threshold on the validation set, saved in config.json (as
     label_thresholds) and in eval_results.json, with the validation scores at them (tuned on that data, so
-    an optimistic estimate: the test set tells the truth)."""
+    an optimistic estimate: the test set tells the truth). They are tuned on the probabilities as predicted, at
+    the calibration temperature, so call it after calibrate()."""
     outputs = predict_fn(model, val_features)
-    thresholds, untuned = tune_thresholds(_sigmoid(np.stack(outputs)), np.stack([f.label for f in val_features]), vocab.labels)
+    probs = probabilities("multilabel", np.stack(outputs), temperature_from_config(model.config.extra, vocab.labels))
+    thresholds, untuned = tune_thresholds(probs, np.stack([f.label for f in val_features]), vocab.labels)
     if untuned:
         logger.warning("minibert: the validation set has no example of %s: %s keep the threshold 0.5",
                        ", ".join(untuned), "it" if len(untuned) == 1 else "they")
@@ -626,8 +720,10 @@ def keep_tuned_thresholds(model, task: F.TaskData, val_features, vocab, eval_res
 
 
 def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None) -> dict:
-    """Run fine-tuning; returns {"eval": metrics, "test": metrics or None, "output_dir": path, "train": figures}.
-    _stop_after_steps simulates a kill after that many steps (for the resume test)."""
+    """Run fine-tuning; returns {"eval": metrics, "test": metrics or None, "output_dir": path, "train": figures,
+    "main_metric": the validation metric that picked the best checkpoint}, and with --seeds "seeds" (what
+    seeds_results.json holds) with the kept run's eval and test. _stop_after_steps simulates a kill after that
+    many steps (for the resume test)."""
     cfg = parse_args(argv) if argv is None or isinstance(argv, list) else argv
     setup_logging()
     # Everything that can be wrong with the input is checked before any training.
@@ -637,6 +733,33 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     lora_settings(cfg)  # LoRA flags that contradict each other, or an adapter minibert cannot load
     if cfg.tag_scheme not in SCHEMES:
         raise ValueError(f"--tag-scheme {cfg.tag_scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
+    if cfg.seeds is not None:
+        return finetune_seeds(cfg)
+    return finetune(cfg, _stop_after_steps=_stop_after_steps)
+
+
+def finetune_seeds(cfg: FinetuneConfig) -> dict:
+    """--seeds: one fine-tuning per seed on the same data, in turn (minibert.seeds); the best kept in --output-dir."""
+    seeds = parse_seeds(cfg.seeds)
+    if cfg.predict_only:
+        raise ValueError("--seeds fine-tunes once per seed, and --predict-only trains nothing: drop one of them")
+    data_seed = seeds[0] if cfg.data_seed is None else cfg.data_seed
+    dist = setup_distributed(cfg.device)
+    with hold_output_dir(cfg.output_dir, dist):
+        if dist.is_main:
+            remove_earlier_results(cfg.output_dir)
+
+        def run_one(seed: int, directory: Path) -> dict:
+            return finetune(dataclasses.replace(cfg, seed=seed, seeds=None, data_seed=data_seed, output_dir=str(directory)))
+
+        summary = run_seeds(seeds, run_one, cfg.output_dir, is_main=dist.is_main, barrier=dist.barrier)
+    best = summary["runs"][str(summary["best_seed"])]
+    return {"eval": best["eval"], "test": best["test"], "output_dir": cfg.output_dir, "main_metric": summary["metric"],
+            "seeds": summary}
+
+
+def finetune(cfg: FinetuneConfig, *, _stop_after_steps: int | None = None) -> dict:
+    """One fine-tuning run (or --predict-only), from checked settings."""
     dist = setup_distributed(cfg.device)
     with hold_output_dir(cfg.output_dir, dist):  # the only live run there, from here to the end
         if cfg.predict_only:

@@ -569,7 +569,8 @@ def _lock_run(path: Path):
 # a new run there, fine-tuning or pretraining, removes all of them first.
 RUN_RESULT_FILES = ("eval_results.json", "test_results.json", "train_results.json", "predictions.jsonl",
                     "metrics.jsonl", "training_curves.png", "finetune_config.json", "pretrain_config.json",
-                    "adapter/adapter_config.json", "adapter/adapter_model.safetensors")  # a LoRA run's adapter
+                    "adapter/adapter_config.json", "adapter/adapter_model.safetensors",  # a LoRA run's adapter
+                    "reliability.png", "seeds_results.json", "explanations.html")
 
 
 def remove_earlier_results(output_dir: str | Path) -> None:

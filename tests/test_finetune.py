@@ -15,6 +15,8 @@ from minibert.data.examples import DataError
 
 POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny"]
 NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny"]
+# What calibration adds to a classifier's results (tests/test_finetune_trust.py checks their values)
+CALIBRATION = {"ece", "brier", "nll", "ece_uncalibrated", "brier_uncalibrated", "nll_uncalibrated"}
 
 
 def write_csv(path, rows, header=("text", "label")):
@@ -47,6 +49,13 @@ def run(tiny_init_dir, tmp_path, *args, **kwargs):
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def temperature(model_dir, names=None):
+    """The calibration temperature a run saved (train_finetune.py fits one by default; its values are checked in
+    test_finetune_trust.py): predictions are softmax (or sigmoid) of logits / T."""
+    saved = json.loads((model_dir / "config.json").read_text())["calibration_temperature"]
+    return torch.tensor([saved[n] for n in names], dtype=torch.float64) if isinstance(saved, dict) else saved
 
 
 def hf_logits(model_dir, texts, pairs=None, head=transformers.AutoModelForSequenceClassification):
@@ -99,18 +108,20 @@ def test_csv_classification_end_to_end(tiny_init_dir, tmp_path):
     results = run(tiny_init_dir, tmp_path, "--train-file", train, "--validation-file", dev, "--test-file", test,
                   "--epochs", 2, "--precision", "fp32")
     out = tmp_path / "out"
+    assert set(results["eval"]) >= {"accuracy", "f1", "mcc", *CALIBRATION, "calibration_temperature"}
+    assert set(results["test"]) == {"accuracy", "f1", "mcc", "per_class", *CALIBRATION}
     assert json.loads((out / "test_results.json").read_text()) == results["test"]
     predictions = read_jsonl(out / "predictions.jsonl")
     assert [(p["text"], p["gold"]) for p in predictions] == sentiment_rows(6)
     # The output directory is a model transformers loads, with the label names, giving the same predictions.
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out)
     assert hf.config.id2label == {0: "neg", 1: "pos"}
-    expected = hf_logits(out, [p["text"] for p in predictions]).softmax(-1)
+    expected = (hf_logits(out, [p["text"] for p in predictions]) / temperature(out)).softmax(-1)
     got = torch.tensor([[p["probabilities"]["neg"], p["probabilities"]["pos"]] for p in predictions], dtype=torch.float64)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)  # rounded to 6 decimals
     assert [p["label"] for p in predictions] == [["neg", "pos"][i] for i in expected.argmax(-1).tolist()]
     gold, predicted = [p["gold"] for p in predictions], [p["label"] for p in predictions]
-    scores = dict(results["test"])
+    scores = {k: v for k, v in results["test"].items() if k not in CALIBRATION}  # their values: test_finetune_trust.py
     per_class = scores.pop("per_class")
     assert scores == pytest.approx({"accuracy": accuracy_score(gold, predicted), "f1": f1_score(gold, predicted, pos_label="pos"),
                                     "mcc": matthews_corrcoef(gold, predicted)}, abs=1e-12)
@@ -144,12 +155,13 @@ def test_tsv_pairs_with_integer_labels(tiny_init_dir, tmp_path):
                   "--precision", "fp32")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "0", "1": "1"} and config["architectures"] == ["BertForSequenceClassification"]
-    expected = hf_logits(tmp_path / "out", [a for a, _, _ in rows], [b for _, b, _ in rows]).softmax(-1)
+    t = temperature(tmp_path / "out")
+    expected = (hf_logits(tmp_path / "out", [a for a, _, _ in rows], [b for _, b, _ in rows]) / t).softmax(-1)
     predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     got = torch.tensor([[p["probabilities"]["0"], p["probabilities"]["1"]] for p in predictions], dtype=torch.float64)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
     # a model that read only the first text would be caught: its probabilities are further off than that
-    alone = hf_logits(tmp_path / "out", [a for a, _, _ in rows]).softmax(-1)
+    alone = (hf_logits(tmp_path / "out", [a for a, _, _ in rows]) / t).softmax(-1)
     assert (alone - expected).abs().max() > 1e-5
     predicted = expected.argmax(-1).tolist()
     gold = [label for _, _, label in rows]
@@ -195,7 +207,7 @@ def test_multilabel(tiny_init_dir, tmp_path):
     names = ["acting", "humor", "story"]
     assert [hf.config.id2label[i] for i in range(3)] == names
     predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
-    expected = hf_logits(tmp_path / "out", [r["text"] for r in records]).sigmoid()
+    expected = (hf_logits(tmp_path / "out", [r["text"] for r in records]) / temperature(tmp_path / "out", names)).sigmoid()
     got = torch.tensor([[p["probabilities"][n] for n in names] for p in predictions], dtype=torch.float64)
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
     decisions = (expected >= 0.5).long().numpy()
@@ -255,6 +267,8 @@ def test_glue_task_directory(tiny_init_dir, tmp_path):
         (glue / name).write_text("index\tsentence1\tsentence2\tlabel\n" + rows)
     results = run(tiny_init_dir, tmp_path, "--task", "rte", "--data-dir", tmp_path / "glue_data", "--max-steps", 2,
                   "--lr", "1e-2", "--precision", "fp32")
+    assert set(results["eval"]) == {"accuracy", "loss", "step", "epoch", "per_class", *CALIBRATION,  # loss: the validation loss
+                                    "calibration_temperature"}
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
     # RTE is scored by accuracy on dev.tsv's sentence pairs: transformers' predictions against the gold labels

@@ -282,7 +282,8 @@ def test_lora_run_writes_a_merged_model_and_an_adapter_that_give_its_predictions
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
         merged_logits = merged(**inputs).logits
-    assert len(predictions) == 24 and (merged_logits.softmax(-1) - probs).abs().max() <= 1e-5
+    t = json.loads((out / "config.json").read_text())["calibration_temperature"]  # predictions are calibrated
+    assert len(predictions) == 24 and (merged_logits.div(t).softmax(-1) - probs).abs().max() <= 1e-5
     # The adapter, by peft on transformers' model of --init, gives the same logits.
     base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir, num_labels=2)
     theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()

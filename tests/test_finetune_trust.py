@@ -1,0 +1,212 @@
+"""train_finetune.py's calibration and seeds, as a user runs them, against independent references: the
+temperature and metrics recomputed from transformers' logits of the saved model, thresholds tuned again on
+calibrated probabilities, and --seeds against each seed run alone.
+
+All runs use conftest.tiny_init_dir (a tiny random BERT with the real uncased vocabulary) and a few steps.
+"""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from scipy.special import expit, log_softmax, softmax
+
+import train_finetune
+from minibert.calibration import calibration_metrics
+from minibert.thresholds import tune_thresholds
+
+POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny",
+            "a warm , clever delight", "beautifully shot and well acted"]
+NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny",
+            "a cold , stupid bore", "ugly to look at and badly acted"]
+
+
+def write_csv(path, rows, header=("text", "label")):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def noisy_rows(n, flip_every, offset=0):
+    """Sentiment rows with every flip_every-th label flipped: no model gets them all right, so T can be fitted."""
+    rows = []
+    for i in range(offset, offset + n):
+        positive = i % 2 == 0
+        if i % flip_every == flip_every - 1:
+            positive = not positive
+        text = POSITIVE[i % 6] if i % 2 == 0 else NEGATIVE[i % 6]
+        rows.append((text, "pos" if positive else "neg"))
+    return rows
+
+
+def run(tiny_init_dir, out, *args):
+    argv = ["--init", str(tiny_init_dir), "--output-dir", str(out), "--batch-size", "4", "--lr", "1e-3",
+            "--no-progress", "--seed", "0", *map(str, args)]
+    return train_finetune.main(argv)
+
+
+def hf_logits(model_dir, texts, head=transformers.AutoModelForSequenceClassification):
+    """The saved model's logits by transformers, float64: the reference the results are recomputed from."""
+    model = head.from_pretrained(model_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+        return model(**batch).logits.double().numpy(), model.config
+
+
+def nll(logits, labels, t):
+    return -np.mean(log_softmax(logits / t, axis=-1)[np.arange(len(labels)), labels])
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_init_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("calibrated")
+    files = {name: write_csv(tmp / f"{name}.csv", noisy_rows(n, flip, offset))
+             for name, n, flip, offset in (("train", 40, 7, 0), ("dev", 30, 4, 1), ("test", 20, 5, 3))}
+    args = ("--train-file", files["train"], "--validation-file", files["dev"], "--test-file", files["test"], "--epochs", 3)
+    return tmp, files, run(tiny_init_dir, tmp / "out", *args), run(tiny_init_dir, tmp / "plain", *args, "--no-calibrate")
+
+
+def test_temperature_is_the_validation_nll_minimum_saved_for_transformers_too(calibrated):
+    tmp, _, results, _ = calibrated
+    dev = noisy_rows(30, 4, 1)
+    logits, config = hf_logits(tmp / "out", [text for text, _ in dev])
+    labels = np.array([config.label2id[label] for _, label in dev])
+    t = results["eval"]["calibration_temperature"]
+    assert abs(np.log(t)) > 0.05  # the test means something only if T moved
+    # the minimum of the validation NLL, by a float64 grid search on transformers' logits
+    grid = np.exp(np.linspace(np.log(t) - 0.5, np.log(t) + 0.5, 2001))
+    assert t == pytest.approx(grid[np.argmin([nll(logits, labels, g) for g in grid])], rel=2e-3)
+    # transformers keeps the key in its config (and ignores it: its logits are the raw ones)
+    assert config.calibration_temperature == pytest.approx(t)
+    saved = json.loads((tmp / "out" / "eval_results.json").read_text())
+    assert saved["calibration_temperature"] == t
+    assert saved["nll"] == pytest.approx(nll(logits, labels, t), abs=1e-5)
+    assert saved["nll_uncalibrated"] == pytest.approx(nll(logits, labels, 1.0), abs=1e-5)
+    assert saved["nll"] <= saved["nll_uncalibrated"]
+
+
+def test_test_results_and_predictions_are_calibrated_and_accuracy_is_not_changed(calibrated):
+    tmp, _, results, plain = calibrated
+    test = noisy_rows(20, 5, 3)
+    logits, config = hf_logits(tmp / "out", [text for text, _ in test])
+    labels = np.array([config.label2id[label] for _, label in test])
+    t = results["eval"]["calibration_temperature"]
+    reference = calibration_metrics("classification", logits, labels, t)
+    before = calibration_metrics("classification", logits, labels)
+    for name in ("ece", "brier", "nll"):
+        assert results["test"][name] == pytest.approx(reference[name], abs=1e-5)
+        assert results["test"][f"{name}_uncalibrated"] == pytest.approx(before[name], abs=1e-5)
+    predictions = [json.loads(line) for line in (tmp / "out" / "predictions.jsonl").read_text().splitlines()]
+    probs = softmax(logits / t, axis=-1)
+    np.testing.assert_allclose([[p["probabilities"]["neg"], p["probabilities"]["pos"]] for p in predictions], probs, atol=2e-5)
+    assert [p["label"] for p in predictions] == [config.id2label[i] for i in logits.argmax(-1)]
+    # --no-calibrate: the same training, so the same labels and accuracy; raw probabilities, no temperature
+    assert plain["test"]["accuracy"] == results["test"]["accuracy"]
+    assert "calibration_temperature" not in plain["eval"] and "ece_uncalibrated" not in plain["test"]
+    assert plain["test"]["ece"] == pytest.approx(before["ece"], abs=1e-5)
+    assert "calibration_temperature" not in json.loads((tmp / "plain" / "config.json").read_text())
+    raw = [json.loads(line) for line in (tmp / "plain" / "predictions.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([p["probabilities"]["pos"] for p in raw], softmax(logits, axis=-1)[:, 1], atol=2e-5)
+    for out in ("out", "plain"):
+        assert (tmp / out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_only_applies_the_temperature(calibrated):
+    tmp, files, results, _ = calibrated
+    out = tmp / "predicted"
+    predicted = train_finetune.main(["--init", str(tmp / "out"), "--predict-only", "--test-file", str(files["test"]),
+                                     "--output-dir", str(out)])
+    mine = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (tmp / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["probabilities"] for p in mine] == [p["probabilities"] for p in theirs]
+    scores, trained = dict(predicted["test"]), dict(results["test"])
+    assert scores.pop("per_class") == trained.pop("per_class")
+    assert scores == pytest.approx(trained)
+
+
+def test_an_init_s_temperature_is_dropped_when_training_on(calibrated, tiny_init_dir):
+    tmp, files, _, _ = calibrated
+    again = run(tmp / "out", tmp / "again", "--train-file", files["train"], "--validation-file", files["dev"],
+                "--max-steps", 2, "--no-calibrate")
+    assert "calibration_temperature" not in json.loads((tmp / "again" / "config.json").read_text())
+    assert "calibration_temperature" not in again["eval"]
+
+
+def test_multilabel_temperature_per_label_and_thresholds_tuned_on_calibrated_probabilities(tiny_init_dir, tmp_path):
+    texts = POSITIVE + NEGATIVE
+    tags = [["acting"], ["acting", "story"], [], ["humor"], ["story"], ["acting", "humor"]]
+    records = [{"text": t, "label": tags[(i * 5 + i // 12) % 6]} for i, t in enumerate(texts * 4)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = run(tiny_init_dir, tmp_path / "out", "--train-file", path, "--validation-file", path, "--task-type",
+                  "multilabel", "--epochs", 2, "--tune-thresholds")
+    temperatures = results["eval"]["calibration_temperature"]
+    assert set(temperatures) == {"acting", "humor", "story"}
+    logits, config = hf_logits(tmp_path / "out", [r["text"] for r in records])
+    names = [config.id2label[i] for i in range(3)]
+    labels = np.array([[name in r["label"] for name in names] for r in records], dtype=np.int64)
+    t = np.array([temperatures[name] for name in names])
+    for j in range(3):  # each label's T minimises its own column's NLL
+        def column_nll(tj, j=j):
+            p = expit(logits[:, j] / tj)
+            return -np.mean(labels[:, j] * np.log(p) + (1 - labels[:, j]) * np.log(1 - p))
+        assert column_nll(t[j]) <= min(column_nll(t[j] * 1.02), column_nll(t[j] / 1.02)) + 1e-12
+    expected, _ = tune_thresholds(expit(logits / t), labels, names)
+    assert results["eval"]["label_thresholds"] == pytest.approx(expected, abs=1e-4)
+    assert config.label_thresholds == pytest.approx(expected, abs=1e-4)
+
+
+def test_too_small_a_validation_set_keeps_t_1_with_a_warning(tiny_init_dir, tmp_path, caplog):
+    train = write_csv(tmp_path / "train.csv", noisy_rows(16, 5))
+    dev = write_csv(tmp_path / "dev.csv", noisy_rows(6, 3))
+    with caplog.at_level(logging.WARNING, logger="minibert"):
+        results = run(tiny_init_dir, tmp_path / "out", "--train-file", train, "--validation-file", dev, "--max-steps", 2)
+    assert "kept T = 1 (no calibration): 6 validation examples, fewer than the 10 needed" in caplog.text
+    assert results["eval"]["calibration_temperature"] == 1.0
+    assert results["eval"]["ece"] == results["eval"]["ece_uncalibrated"]
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def test_seeds_equal_each_seed_run_alone_and_the_best_is_kept(tiny_init_dir, tmp_path):
+    """No validation file: the held-out share depends on the data seed, which --seeds keeps at the first seed."""
+    train = write_csv(tmp_path / "train.csv", noisy_rows(40, 6))
+    common = ("--train-file", train, "--max-steps", 6, "--validation-fraction", 0.3)
+    argv = ["--init", str(tiny_init_dir), "--batch-size", "4", "--lr", "1e-3", "--no-progress", *map(str, common)]
+    together = train_finetune.main([*argv, "--seeds", "3,4", "--output-dir", str(tmp_path / "seeds")])
+    alone = {3: train_finetune.main([*argv, "--seed", "3", "--output-dir", str(tmp_path / "alone3")]),
+             4: train_finetune.main([*argv, "--seed", "4", "--data-seed", "3", "--output-dir", str(tmp_path / "alone4")])}
+    saved = json.loads((tmp_path / "seeds" / "seeds_results.json").read_text())
+    assert saved["seeds"] == [3, 4] and saved["metric"] == "accuracy"
+    for seed in (3, 4):
+        assert saved["runs"][str(seed)]["eval"] == alone[seed]["eval"]  # the same run, to the bit
+    for name in ("accuracy", "nll", "ece"):
+        values = [alone[seed]["eval"][name] for seed in (3, 4)]
+        assert saved["mean"]["eval"][name] == pytest.approx(np.mean(values))
+        assert saved["std"]["eval"][name] == pytest.approx(np.std(values, ddof=1))
+    assert saved["std"]["eval"]["per_class"]["pos"]["f1"] == pytest.approx(
+        np.std([alone[seed]["eval"]["per_class"]["pos"]["f1"] for seed in (3, 4)], ddof=1))
+    best = max((3, 4), key=lambda seed: alone[seed]["eval"]["accuracy"])  # the first of equals: 3
+    assert saved["best_seed"] == best and together["eval"] == alone[best]["eval"]
+    kept, reference = load_file(tmp_path / "seeds" / "model.safetensors"), load_file(tmp_path / f"alone{best}" / "model.safetensors")
+    assert kept.keys() == reference.keys() and all(torch.equal(kept[k], reference[k]) for k in kept)
+    assert json.loads((tmp_path / "seeds" / "eval_results.json").read_text()) == alone[best]["eval"]
+    other = 7 - best
+    assert alone[3]["eval"] != alone[4]["eval"]  # the seeds do make different runs
+    assert (tmp_path / "seeds" / "seeds" / f"seed-{other}" / "model.safetensors").is_file()
+
+
+def test_repeated_seed_is_an_error_before_anything_is_written(tiny_init_dir, tmp_path):
+    with pytest.raises(ValueError, match="repeats 42"):
+        run(tiny_init_dir, tmp_path / "out", "--seeds", "42,1,42")
+    assert not (tmp_path / "out").exists()
