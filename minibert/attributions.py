@@ -172,3 +172,56 @@ def words_from_pieces(per_token: np.ndarray, encoding, texts: Sequence[str]) -> 
             record["segment"] = entry["segment"]
         result.append(record)
     return result
+
+
+# ----------------------------------------------------------------------------- a prediction's explanation
+
+
+def explained_label(task_type: str, labels: Sequence[str], result: dict, target: str | None = None) -> str:
+    """The label whose probability is explained: the named target, else the prediction (classification), or
+    the most probable label (multilabel: of those predicted, when any are)."""
+    if target is not None:
+        if target not in labels:
+            raise ValueError(f"explain target {target!r} is not a label of the model: choose one of {', '.join(labels)}")
+        return target
+    if task_type == "classification":
+        return result["label"]
+    candidates = result["labels"] or labels
+    return max(candidates, key=lambda label: result["probabilities"][label])
+
+
+def explain_sequence(model, encoding, texts: Sequence[str], task_type: str, labels: Sequence[str] | None, result: dict, *,
+                     baseline_token_id: int, temperature: float | Sequence[float] = 1.0, target: str | None = None,
+                     steps: int = DEFAULT_STEPS, device: torch.device | str = "cpu") -> dict:
+    """What a text's prediction (`result`, a pipeline result) gains: {"explains", "explained_score", "attributions",
+    "completeness"}. Classification and multilabel explain the (calibrated) probability of one label; regression,
+    which has no probabilities, explains the predicted value itself, and says so."""
+    if task_type == "regression":
+        if target is not None:
+            raise ValueError(f"explain target {target!r}: a regression model has one output, the value, and no labels")
+        score, explains = class_probability("regression", 0), "predicted value (regression: no class to explain)"
+    else:
+        label = explained_label(task_type, labels, result, target)
+        score = class_probability(task_type, list(labels).index(label), temperature)
+        explains = f"probability of {label!r}"
+    explanation = explain(model, encoding, texts, score, baseline_token_id=baseline_token_id, steps=steps, device=device)
+    return explanation.record(explains)
+
+
+def explain_entity(model, encoding, text: str, entity: dict, tag_ids: Sequence[int], *, baseline_token_id: int,
+                   temperature: float = 1.0, steps: int = DEFAULT_STEPS, device: torch.device | str = "cpu") -> dict:
+    """What an entity of a token classifier gains: the attributions of the text's words to the entity's score,
+    the mean probability of its words' predicted tags (tag_ids, one per word of the entity) at their first
+    pieces. entity: {"entity", "text", "start", "end"} with character offsets into text, of which `encoding`
+    is the tokenizer's encoding."""
+    first_pieces = {}  # word index -> its first piece's position
+    for position, (word, (start, end)) in enumerate(zip(encoding.word_ids, encoding.offsets)):
+        if word is not None and word not in first_pieces and entity["start"] <= start and end <= entity["end"]:
+            first_pieces[word] = position
+    positions = [first_pieces[word] for word in sorted(first_pieces)]
+    if len(positions) != len(tag_ids):
+        raise ValueError(f"the entity {entity['text']!r} covers {len(positions)} word(s) of its text, and {len(tag_ids)} "
+                         "tag(s) were given: one tag per word")
+    score = entity_probability(positions, tag_ids, temperature)
+    explanation = explain(model, encoding, (text,), score, baseline_token_id=baseline_token_id, steps=steps, device=device)
+    return explanation.record(f"score of {entity['entity']} {entity['text']!r}")

@@ -118,3 +118,117 @@ def test_scores_that_are_explained():
     assert A.entity_probability([1, 2], [1, 0])(tokens).item() == pytest.approx(((p[1, 1] + p[2, 0]) / 2).item())
     with pytest.raises(ValueError, match="at least 1 step"):
         A.explain(None, None, ("",), None, baseline_token_id=0, steps=0)
+
+
+# ----------------------------------------------------------------------------- a prediction's explanation
+
+
+def test_explain_sequence_explains_the_prediction_or_a_named_label(tiny):
+    model, tokenizer = tiny
+    text, pad = "a gripping , tender film", tokenizer.token_to_id("[PAD]")
+    labels = ["neg", "neu", "pos"]
+    result = {"label": "neu", "score": 0.4, "probabilities": {"neg": 0.3, "neu": 0.4, "pos": 0.3}}
+    record = A.explain_sequence(model, encode(tokenizer, text), (text,), "classification", labels, result,
+                                baseline_token_id=pad, temperature=1.5)
+    direct = A.explain(model, encode(tokenizer, text), (text,), A.class_probability("classification", 1, 1.5),
+                       baseline_token_id=pad)
+    assert record == direct.record("probability of 'neu'")
+    named = A.explain_sequence(model, encode(tokenizer, text), (text,), "classification", labels, result,
+                               baseline_token_id=pad, target="pos")
+    assert named["explains"] == "probability of 'pos'" and named["attributions"] != record["attributions"]
+    with pytest.raises(ValueError, match="'happy' is not a label of the model: choose one of neg, neu, pos"):
+        A.explain_sequence(model, encode(tokenizer, text), (text,), "classification", labels, result,
+                           baseline_token_id=pad, target="happy")
+    multilabel = {"labels": ["neg", "pos"], "probabilities": {"neg": 0.6, "neu": 0.9, "pos": 0.7}}
+    assert A.explained_label("multilabel", labels, multilabel) == "pos"  # the most probable of those predicted
+    assert A.explained_label("multilabel", labels, {**multilabel, "labels": []}) == "neu"
+
+
+def test_regression_explains_the_value(tiny_init_dir):
+    torch.manual_seed(1)
+    model = BertForSequenceClassification.from_pretrained(str(tiny_init_dir), num_labels=1, verbose=False,
+                                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.config.initializer_range = 0.4
+    model.init_weights()
+    tokenizer = load_tokenizer(tiny_init_dir)
+    text = "a gripping , tender film"
+    record = A.explain_sequence(model.eval(), encode(tokenizer, text), (text,), "regression", None, {"value": 0.3},
+                                baseline_token_id=tokenizer.token_to_id("[PAD]"))
+    assert record["explains"].startswith("predicted value")
+    with torch.no_grad():
+        value = model(torch.tensor([encode(tokenizer, text).ids])).logits[0, 0].item()
+    assert record["explained_score"] == pytest.approx(value, abs=1e-5)
+    assert record["completeness"]["within_tolerance"]
+    with pytest.raises(ValueError, match="regression model has one output"):
+        A.explain_sequence(model, encode(tokenizer, text), (text,), "regression", None, {"value": 0.3},
+                           baseline_token_id=0, target="pos")
+
+
+def test_explain_entity_scores_its_words_first_pieces(tiny_init_dir):
+    from minibert.model import BertForTokenClassification
+
+    torch.manual_seed(2)
+    model = BertForTokenClassification.from_pretrained(str(tiny_init_dir), num_labels=3, verbose=False,
+                                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.config.initializer_range = 0.4
+    model.init_weights()
+    tokenizer = load_tokenizer(tiny_init_dir)
+    text = "Yesterday Mr. Hendrickson flew to Pittsburgh"
+    encoding = encode(tokenizer, text)
+    entity = {"entity": "PER", "text": "Mr. Hendrickson", "start": 10, "end": 25, "score": 0.5}
+    record = A.explain_entity(model.eval(), encoding, text, entity, [1, 2, 2], baseline_token_id=tokenizer.token_to_id("[PAD]"))
+    # its words: "Mr", ".", "Hendrickson", whose first pieces are at these positions
+    words = [w for w, (s, e) in zip(encoding.word_ids, encoding.offsets) if w is not None and s >= 10 and e <= 25]
+    positions = [encoding.word_ids.index(w) for w in sorted(set(words))]
+    assert len(positions) == 3 and len(words) > 3  # "Hendrickson" is several pieces
+    direct = A.explain(model, encoding, (text,), A.entity_probability(positions, [1, 2, 2]),
+                       baseline_token_id=tokenizer.token_to_id("[PAD]"))
+    assert record == direct.record("score of PER 'Mr. Hendrickson'")
+    assert record["completeness"]["within_tolerance"]
+    with pytest.raises(ValueError, match="covers 3 word"):
+        A.explain_entity(model, encoding, text, entity, [1], baseline_token_id=0)
+
+
+POLAR = {"wonderful": "pos", "superb": "pos", "brilliant": "pos", "delightful": "pos", "excellent": "pos",
+         "awful": "neg", "terrible": "neg", "dreadful": "neg", "boring": "neg", "horrible": "neg"}
+FILLERS = ["the film was {} from start to end", "a {} story about an old town", "we thought the acting {} overall",
+           "honestly the {} music stayed with us", "it was a {} evening at the cinema"]
+
+
+def test_on_a_fine_tuned_sentiment_model_the_polar_word_gets_the_largest_attribution(tiny_init_dir, tmp_path):
+    """Train the tiny BERT on sentences whose one polar word decides the label; on held-out sentences (new
+    pairings of words and templates) that it gets right (with probability 0.55 or more: the tiny model is
+    never very sure), that word should carry the largest
+    attribution in most of them."""
+    import csv
+
+    import train_finetune
+
+    # every polar word in every template; each word's sentence of one template (a different one per word) held out
+    sentences = [(i, j, template.format(word), POLAR[word]) for i, word in enumerate(sorted(POLAR))
+                 for j, template in enumerate(FILLERS)]
+    rows = [(text, label) for i, j, text, label in sentences if j != i % 5]
+    held_out = [(text, label) for i, j, text, label in sentences if j == i % 5]
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    train_finetune.main(["--init", str(tiny_init_dir), "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+                         str(tmp_path / "train.csv"), "--output-dir", str(tmp_path / "out"), "--epochs", "15",
+                         "--batch-size", "4", "--lr", "3e-3", "--no-progress", "--seed", "0", "--dropout", "0", "--no-calibrate"])
+    model = BertForSequenceClassification.from_pretrained(str(tmp_path / "out"), verbose=False).eval()
+    tokenizer = load_tokenizer(tmp_path / "out")
+    labels = [model.config.id2label[i] for i in range(2)]
+    clear = hits = 0
+    for text, gold in held_out:
+        encoding = encode(tokenizer, text)
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([encoding.ids])).logits[0], -1)
+        if labels[int(probs.argmax())] != gold or probs.max() < 0.55:
+            continue
+        clear += 1
+        result = {"label": gold, "probabilities": dict(zip(labels, probs.tolist()))}
+        record = A.explain_sequence(model, encoding, (text,), "classification", labels, result,
+                                    baseline_token_id=tokenizer.token_to_id("[PAD]"))
+        top = max(record["attributions"], key=lambda w: w["attribution"])
+        hits += top["word"] in POLAR
+    assert clear >= 7, f"only {clear} of {len(held_out)} held-out sentences are clear cases: the model did not learn"
+    assert hits >= 0.8 * clear, f"the polar word has the largest attribution in {hits} of {clear} clear cases"
