@@ -18,6 +18,9 @@ def test_packed_layout_on_hand_computed_indices():
     assert layout.pack(x).tolist() == [0, 1, 2, 4, 5, 8]
     assert layout.unpack(layout.pack(x)).tolist() == [[0, 1, 2, 0], [4, 5, 0, 0], [8, 0, 0, 0]]
     assert layout.first_tokens(layout.pack(x)).tolist() == [0, 4, 8]
+    hidden = torch.arange(24.0).reshape(3, 4, 2)  # features of their own: (batch, seqlen, C) <-> (total_tokens, C)
+    assert layout.pack(hidden).tolist() == [[0, 1], [2, 3], [4, 5], [8, 9], [10, 11], [16, 17]]
+    assert torch.equal(layout.unpack(layout.pack(hidden)), hidden * mask[..., None])
     labels = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4], [9, 9, 9, 9]])
     assert layout.flat_labels(labels).tolist() == [5, 6, 7, 1, 2, 9]
     padded = TokenLayout.from_mask(mask, 3, 4, pack=False)
