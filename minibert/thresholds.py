@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.5
+from minibert.metrics import MULTILABEL_THRESHOLD
 
 
 def best_threshold(probabilities: np.ndarray, gold: np.ndarray) -> float | None:
@@ -42,7 +42,7 @@ def best_threshold(probabilities: np.ndarray, gold: np.ndarray) -> float | None:
 
 def tune_thresholds(probabilities: np.ndarray, gold: np.ndarray, labels: Sequence[str]) -> tuple[dict[str, float], list[str]]:
     """{label: threshold} from validation probabilities (N, L) and multi-hot gold (N, L), and the labels
-    that kept DEFAULT_THRESHOLD because the validation set has no positive example of them."""
+    that kept MULTILABEL_THRESHOLD because the validation set has no positive example of them."""
     probabilities, gold = np.asarray(probabilities), np.asarray(gold)
     if probabilities.shape != gold.shape or probabilities.ndim != 2 or probabilities.shape[1] != len(labels):
         raise ValueError(f"probabilities {probabilities.shape} and gold {gold.shape} must both be (N, {len(labels)})")
@@ -51,15 +51,15 @@ def tune_thresholds(probabilities: np.ndarray, gold: np.ndarray, labels: Sequenc
         threshold = best_threshold(probabilities[:, j], gold[:, j])
         if threshold is None:
             untuned.append(label)
-            threshold = DEFAULT_THRESHOLD
+            threshold = MULTILABEL_THRESHOLD
         thresholds[label] = threshold
     return thresholds, untuned
 
 
 def threshold_vector(label_thresholds: Mapping[str, float] | None, labels: Sequence[str]) -> np.ndarray:
-    """(L,) thresholds in label id order from a config's label_thresholds; DEFAULT_THRESHOLD without them."""
+    """(L,) thresholds in label id order from a config's label_thresholds; MULTILABEL_THRESHOLD without them."""
     if not label_thresholds:
-        return np.full(len(labels), DEFAULT_THRESHOLD)
+        return np.full(len(labels), MULTILABEL_THRESHOLD)
     missing = [label for label in labels if label not in label_thresholds]
     if missing:
         raise ValueError(f"label_thresholds in config.json has no threshold for {missing}: it belongs to another "
