@@ -208,20 +208,24 @@ def explain_sequence(model, encoding, texts: Sequence[str], task_type: str, labe
     return explanation.record(explains)
 
 
-def explain_entity(model, encoding, text: str, entity: dict, tag_ids: Sequence[int], *, baseline_token_id: int,
-                   temperature: float = 1.0, steps: int = DEFAULT_STEPS, device: torch.device | str = "cpu") -> dict:
+def explain_entity(model, encoding, text: str, entity: dict, word_spans: Sequence[tuple[int, int]], tag_ids: Sequence[int], *,
+                   baseline_token_id: int, temperature: float = 1.0, steps: int = DEFAULT_STEPS,
+                   device: torch.device | str = "cpu") -> dict:
     """What an entity of a token classifier gains: the attributions of the text's words to the entity's score,
-    the mean probability of its words' predicted tags (tag_ids, one per word of the entity) at their first
-    pieces. entity: {"entity", "text", "start", "end"} with character offsets into text, of which `encoding`
-    is the tokenizer's encoding."""
-    first_pieces = {}  # word index -> its first piece's position
-    for position, (word, (start, end)) in enumerate(zip(encoding.word_ids, encoding.offsets)):
-        if word is not None and word not in first_pieces and entity["start"] <= start and end <= entity["end"]:
-            first_pieces[word] = position
-    positions = [first_pieces[word] for word in sorted(first_pieces)]
-    if len(positions) != len(tag_ids):
-        raise ValueError(f"the entity {entity['text']!r} covers {len(positions)} word(s) of its text, and {len(tag_ids)} "
-                         "tag(s) were given: one tag per word")
-    score = entity_probability(positions, tag_ids, temperature)
+    the mean probability of its words' predicted tags (tag_ids) at each word's first piece. entity: {"entity",
+    "text", ...}; word_spans: the character spans in `text` of the entity's words, one per tag; `encoding` is
+    the tokenizer's encoding of text."""
+    if len(word_spans) != len(tag_ids):
+        raise ValueError(f"the entity {entity['text']!r} has {len(word_spans)} word(s) and {len(tag_ids)} tag(s): "
+                         "give one tag per word")
+    starts = {}  # a character offset -> the first piece that starts there
+    for position, (word, (start, _)) in enumerate(zip(encoding.word_ids, encoding.offsets)):
+        if word is not None:
+            starts.setdefault(start, position)
+    missing = [text[a:b] for a, b in word_spans if a not in starts]
+    if missing:
+        raise ValueError(f"the entity {entity['text']!r} has words the encoding does not start a piece at "
+                         f"({', '.join(map(repr, missing))}): cut off by max_length, or not this text's encoding")
+    score = entity_probability([starts[a] for a, _ in word_spans], tag_ids, temperature)
     explanation = explain(model, encoding, (text,), score, baseline_token_id=baseline_token_id, steps=steps, device=device)
     return explanation.record(f"score of {entity['entity']} {entity['text']!r}")

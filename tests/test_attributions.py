@@ -176,18 +176,19 @@ def test_explain_entity_scores_its_words_first_pieces(tiny_init_dir):
     text = "Yesterday Mr. Hendrickson flew to Pittsburgh"
     encoding = encode(tokenizer, text)
     entity = {"entity": "PER", "text": "Mr. Hendrickson", "start": 10, "end": 25, "score": 0.5}
-    record = A.explain_entity(model.eval(), encoding, text, entity, [1, 2, 2], baseline_token_id=tokenizer.token_to_id("[PAD]"))
-    # its words: "Mr", ".", "Hendrickson", whose first pieces are at these positions
-    words = [w for w, (s, e) in zip(encoding.word_ids, encoding.offsets) if w is not None and s >= 10 and e <= 25]
-    positions = [encoding.word_ids.index(w) for w in sorted(set(words))]
-    assert len(positions) == 3 and len(words) > 3  # "Hendrickson" is several pieces
+    spans = [(10, 12), (12, 13), (14, 25)]  # its words: "Mr", ".", "Hendrickson" (several pieces)
+    record = A.explain_entity(model.eval(), encoding, text, entity, spans, [1, 2, 2],
+                              baseline_token_id=tokenizer.token_to_id("[PAD]"))
+    positions = [i for i, (s, _) in enumerate(encoding.offsets) if s in (10, 12, 14) and encoding.word_ids[i] is not None]
+    assert [encoding.tokens[i] for i in positions] == ["mr", ".", "hendricks"]  # "hendrickson" is two pieces
     direct = A.explain(model, encoding, (text,), A.entity_probability(positions, [1, 2, 2]),
                        baseline_token_id=tokenizer.token_to_id("[PAD]"))
     assert record == direct.record("score of PER 'Mr. Hendrickson'")
     assert record["completeness"]["within_tolerance"]
-    with pytest.raises(ValueError, match="covers 3 word"):
-        A.explain_entity(model, encoding, text, entity, [1], baseline_token_id=0)
-
+    with pytest.raises(ValueError, match="has 3 word"):
+        A.explain_entity(model, encoding, text, entity, spans, [1], baseline_token_id=0)
+    with pytest.raises(ValueError, match="does not start a piece"):
+        A.explain_entity(model, encoding, text, entity, [(11, 12)], [1], baseline_token_id=0)
 
 POLAR = {"wonderful": "pos", "superb": "pos", "brilliant": "pos", "delightful": "pos", "excellent": "pos",
          "awful": "neg", "terrible": "neg", "dreadful": "neg", "boring": "neg", "horrible": "neg"}
