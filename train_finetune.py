@@ -33,6 +33,8 @@ r"""Fine-tune a pretrained BERT on labelled text: classification, regression, mu
     python train_finetune.py --output-dir runs/x --resume
     # Label new data with a fine-tuned model (predictions.jsonl; test_results.json when it has labels)
     python train_finetune.py --init runs/x --predict-only --test-file new.csv --output-dir runs/x-new
+    # ... with each prediction's word attributions, and explanations.html to read them
+    python train_finetune.py --init runs/x --predict-only --explain --test-file new.csv --output-dir runs/x-why
 
 Writes to --output-dir: the best model as an HF directory (config.json with id2label, model.safetensors,
 tokenizer files) that `--init DIR`, minibert and transformers' AutoModelFor... load; eval_results.json
@@ -57,6 +59,7 @@ import torch
 
 from minibert import finetuning as F
 from minibert.assets import MINILM_HUB_ID
+from minibert.attributions import explain_records
 from minibert.atomic_write import atomic_write_text, write_json
 from minibert.calibration import (
     CALIBRATED_TASKS,
@@ -74,6 +77,7 @@ from minibert.cli import check_counts, config_overrides, parse_settings, run_cli
 from minibert.config import BertConfig
 from minibert.crf import CRF_FILE, BertCRFForTokenClassification
 from minibert.curves import plot_curves
+from minibert.explanation_page import write_page
 from minibert.hub import resolve_model_dir
 from minibert.lora import LoraModel, LoraSettings, read_adapter_config, read_adapter_weights
 from minibert.seeds import parse_seeds, run_seeds
@@ -203,6 +207,11 @@ class FinetuneConfig:
     # Train nothing: the fine-tuned model --init labels --test-file, into --output-dir/predictions.jsonl
     # (and test_results.json when the file has labels). The task type and labels are the model's own.
     predict_only: bool = False
+    # With --predict-only: word attributions for each prediction (integrated gradients on the word embeddings,
+    # minibert/attributions.py) in predictions.jsonl, and explanations.html to read them (each entity of a tagger)
+    explain: bool = False
+    explain_steps: int = 50  # integration points to start with; raised while the attributions miss completeness
+    explain_target: str | None = None  # classification/multilabel: explain this label's probability, not the predicted one
     progress: bool = True  # show the progress bar
 
 
@@ -621,8 +630,25 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     task = F.TaskData(task_type, [], [], examples, Path(cfg.test_file).stem)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in prediction_records(task, examples, outputs, features, vocab,
-                                                                                  decoding))
+    records = prediction_records(task, examples, outputs, features, vocab, decoding)
+    if cfg.explain:
+        inner = model.model if isinstance(model, LoraModel) else model  # the LoRA layers sit inside it
+        if cfg.explain_target is not None and task_type not in CALIBRATED_TASKS:
+            raise ValueError(f"--explain-target names a label to explain, and a {task_type} model explains "
+                             f"{'its value' if task_type == 'regression' else 'each entity'}: drop --explain-target")
+        tags = None
+        if task_type == "token-classification":  # each word's predicted tag (None: cut off by --max-length)
+            tags = [[None] * len(ex.text) for ex in examples]
+            for words, out, feat in zip(tags, outputs, features):
+                for w, t in zip(feat.word_ids[feat.word_ids >= 0], word_tag_ids(out, feat, vocab, decoding)):
+                    words[int(w)] = vocab.labels[int(t)]
+        records, page = explain_records(inner.float().eval(), tokenizer, task_type, vocab.labels if vocab else None,
+                                        examples, records, tags=tags, temperature=decoding.temperature,
+                                        target=cfg.explain_target, steps=cfg.explain_steps, max_length=max_length,
+                                        device=device)
+        write_page(out_dir / "explanations.html", page, title=f"minibert: what {cfg.init}'s predictions rest on")
+        logger.info("minibert: %d explanations in %s", len(page), out_dir / "explanations.html")
+    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
     logger.info("minibert: %s predictions of %s in %s", len(examples), cfg.init, out_dir / "predictions.jsonl")
     results = {"eval": None, "test": None, "output_dir": str(out_dir)}
@@ -727,12 +753,15 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     cfg = parse_args(argv) if argv is None or isinstance(argv, list) else argv
     setup_logging()
     # Everything that can be wrong with the input is checked before any training.
-    check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size"),
+    check_counts(cfg, at_least_one=("epochs", "batch_size", "eval_batch_size", "explain_steps"),
                  at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
     check_layer_lr_decay(cfg.layer_lr_decay)
     lora_settings(cfg)  # LoRA flags that contradict each other, or an adapter minibert cannot load
     if cfg.tag_scheme not in SCHEMES:
         raise ValueError(f"--tag-scheme {cfg.tag_scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
+    if (cfg.explain or cfg.explain_target is not None) and not cfg.predict_only:
+        raise ValueError("--explain explains the predictions of --predict-only: add --predict-only, with the fine-tuned "
+                         "model as --init and the texts as --test-file")
     if cfg.seeds is not None:
         return finetune_seeds(cfg)
     return finetune(cfg, _stop_after_steps=_stop_after_steps)

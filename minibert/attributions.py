@@ -32,7 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from captum.attr import LayerIntegratedGradients
+from tokenizers import Tokenizer
 from torch import Tensor
+
+from minibert.spans import entity_spans
 
 logger = logging.getLogger("minibert")
 
@@ -229,3 +232,55 @@ def explain_entity(model, encoding, text: str, entity: dict, word_spans: Sequenc
     score = entity_probability([starts[a] for a, _ in word_spans], tag_ids, temperature)
     explanation = explain(model, encoding, (text,), score, baseline_token_id=baseline_token_id, steps=steps, device=device)
     return explanation.record(f"score of {entity['entity']} {entity['text']!r}")
+
+
+def explain_entities(model, encoding, text: str, word_spans: Sequence[tuple[int, int]], tags: Sequence[str | None],
+                     labels: Sequence[str], *, baseline_token_id: int, steps: int = DEFAULT_STEPS,
+                     device: torch.device | str = "cpu") -> list[dict]:
+    """Each entity of a tagged text ({"entity", "text", "start", "end"}, character offsets into text), explained
+    (explain_entity): word_spans are the character spans of the text's words, tags their predicted tags."""
+    explained = []
+    for span, first, last in entity_spans(tags, word_spans):
+        entity = {"entity": span.label, "text": text[span.start : span.end], "start": span.start, "end": span.end}
+        tag_ids = [list(labels).index(tags[w]) for w in range(first, last + 1)]
+        explained.append({**entity, **explain_entity(model, encoding, text, entity, word_spans[first : last + 1], tag_ids,
+                                                     baseline_token_id=baseline_token_id, steps=steps, device=device)})
+    return explained
+
+
+def explain_records(model, tokenizer, task_type: str, labels: Sequence[str] | None, examples, records: Sequence[dict], *,
+                    tags: Sequence[Sequence[str | None]] | None = None, temperature: float | Sequence[float] = 1.0,
+                    target: str | None = None, steps: int = DEFAULT_STEPS, max_length: int = 512,
+                    device: torch.device | str = "cpu") -> tuple[list[dict], list[dict]]:
+    """Predictions with their word attributions, and the records explanations.html shows (explanation_page).
+
+    examples: what was predicted (data.Example: text, text_pair; a tagger's words, or span-annotated text
+    with its word offsets); records: each one's prediction (predictions.jsonl's line, or a pipeline result);
+    tags: a tagger's predicted tag per word. A text's record gains explain_sequence's fields (the calibrated
+    probability of its label, or of `target`; a regression's value); a tagger's gains "explanations":
+    {"text", "entities"}, each entity explained (for words, in the text they make joined by spaces). The
+    texts are cut at max_length tokens, as the model read them; the model must be in float32."""
+    encoder = Tokenizer.from_str(tokenizer.to_str())  # what the model read: cut at max_length, unpadded
+    encoder.enable_truncation(max_length)
+    encoder.no_padding()
+    common = {"baseline_token_id": tokenizer.token_to_id("[PAD]"), "steps": steps, "device": device}
+    explained, page = [], []
+    for i, (ex, record) in enumerate(zip(examples, records)):
+        if task_type == "token-classification":
+            if ex.tagged_text is not None:
+                text, spans = ex.tagged_text.text, ex.tagged_text.offsets
+            else:
+                text = " ".join(ex.text)
+                starts = np.cumsum([0] + [len(w) + 1 for w in ex.text[:-1]])
+                spans = [(int(a), int(a) + len(w)) for a, w in zip(starts, ex.text)]
+            entities = explain_entities(model, encoder.encode(text), text, spans, tags[i], labels, **common)
+            explained.append({**record, "explanations": {"text": text, "entities": entities}})
+            page.append({"text": text, "entities": entities})
+            continue
+        texts = (ex.text,) if ex.text_pair is None else (ex.text, ex.text_pair)
+        record = {**record, **explain_sequence(model, encoder.encode(*texts), texts, task_type, labels, record,
+                                               temperature=temperature, target=target, **common)}
+        explained.append(record)
+        value = record.get("value", record.get("prediction"))  # a regression's: the page's headline
+        page.append({**record, "value": value} if task_type == "regression" else record)
+    return explained, page

@@ -5,6 +5,7 @@ calibrated probabilities, and --seeds against each seed run alone.
 All runs use conftest.tiny_init_dir (a tiny random BERT with the real uncased vocabulary) and a few steps.
 """
 
+import html
 import json
 import logging
 
@@ -210,3 +211,73 @@ def test_repeated_seed_is_an_error_before_anything_is_written(tiny_init_dir, tmp
     with pytest.raises(ValueError, match="repeats 42"):
         run(tiny_init_dir, tmp_path / "out", "--seeds", "42,1,42")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- --predict-only --explain
+
+
+def test_predict_only_explain_writes_attributions_and_the_page(calibrated):
+    tmp, files, _, _ = calibrated
+    out = tmp / "explained"
+    train_finetune.main(["--init", str(tmp / "out"), "--predict-only", "--explain", "--test-file", str(files["test"]),
+                         "--output-dir", str(out)])
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["probabilities"] for r in records] == [p["probabilities"] for p in plain]  # explaining changes no prediction
+    for record in records:
+        assert record["explains"] == f"probability of {record['label']!r}"
+        # the explained score is the calibrated probability the record reports
+        assert record["explained_score"] == pytest.approx(record["probabilities"][record["label"]], abs=1e-5)
+        assert [w["word"] for w in record["attributions"]] == record["text"].split(" ")
+        assert all(record["text"][w["start"] : w["end"]] == w["word"] for w in record["attributions"])
+        check = record["completeness"]
+        assert check["within_tolerance"] and check["attribution_sum"] == pytest.approx(check["score_change"], abs=0.05 * abs(check["score_change"]) + 1e-4)
+    page = (out / "explanations.html").read_text()
+    assert page.count('<article class="card"') == len(records)
+    assert all(f">{html.escape(w['word'])}</span>" in page for w in records[0]["attributions"])  # each word shaded
+    named = tmp / "named"
+    train_finetune.main(["--init", str(tmp / "out"), "--predict-only", "--explain", "--explain-target", "neg",
+                         "--test-file", str(files["test"]), "--output-dir", str(named)])
+    first = json.loads((named / "predictions.jsonl").read_text().splitlines()[0])
+    assert first["explains"] == "probability of 'neg'"
+    assert first["explained_score"] == pytest.approx(first["probabilities"]["neg"], abs=1e-5)
+
+
+def test_explain_names_what_a_regression_and_a_tagger_explain(tiny_init_dir, tmp_path):
+    rows = [{"text": text, "label": 0.5 * (i % 5)} for i, text in enumerate(POSITIVE + NEGATIVE)]
+    path = tmp_path / "scores.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(tiny_init_dir, tmp_path / "reg", "--train-file", path, "--validation-file", path, "--task-type", "regression",
+        "--max-steps", 2)
+    train_finetune.main(["--init", str(tmp_path / "reg"), "--predict-only", "--explain", "--test-file", str(path),
+                         "--output-dir", str(tmp_path / "reg-explained")])
+    record = json.loads((tmp_path / "reg-explained" / "predictions.jsonl").read_text().splitlines()[0])
+    assert record["explains"].startswith("predicted value") and record["explained_score"] == pytest.approx(
+        record["prediction"], abs=1e-5)
+    with pytest.raises(ValueError, match="explains its value: drop --explain-target"):
+        train_finetune.main(["--init", str(tmp_path / "reg"), "--predict-only", "--explain", "--explain-target", "x",
+                             "--test-file", str(path), "--output-dir", str(tmp_path / "reg-named")])
+    sentences = [{"tokens": ["John", "Smithson", "lives", "in", "Pittsburgh"], "tags": ["B-PER", "I-PER", "O", "O", "B-LOC"]},
+                 {"tokens": ["Acme", "hired", "Mary"], "tags": ["B-ORG", "O", "B-PER"]}] * 6
+    tagged = tmp_path / "ner.jsonl"
+    tagged.write_text("".join(json.dumps(s) + "\n" for s in sentences))
+    run(tiny_init_dir, tmp_path / "ner", "--train-file", tagged, "--validation-file", tagged, "--task-type",
+        "token-classification", "--epochs", 8, "--lr", "3e-3")
+    train_finetune.main(["--init", str(tmp_path / "ner"), "--predict-only", "--explain", "--test-file", str(tagged),
+                         "--output-dir", str(tmp_path / "ner-explained")])
+    record = json.loads((tmp_path / "ner-explained" / "predictions.jsonl").read_text().splitlines()[0])
+    explained = record["explanations"]
+    assert explained["text"] == "John Smithson lives in Pittsburgh"
+    entities = {(e["entity"], e["text"]) for e in explained["entities"]}
+    spans = {(tag[2:], word) for word, tag in zip(record["tokens"], record["tags"]) if tag.startswith("B-")}
+    assert {kind for kind, _ in entities} == {kind for kind, _ in spans} and entities  # one explanation per entity
+    for entity in explained["entities"]:
+        assert entity["explains"] == f"score of {entity['entity']} {entity['text']!r}"
+        assert explained["text"][entity["start"] : entity["end"]] == entity["text"]
+        assert entity["completeness"]["within_tolerance"]
+    assert "Pittsburgh" in (tmp_path / "ner-explained" / "explanations.html").read_text()
+
+
+def test_explain_without_predict_only_is_an_error(tiny_init_dir, tmp_path):
+    with pytest.raises(ValueError, match="--explain explains the predictions of --predict-only"):
+        run(tiny_init_dir, tmp_path / "out", "--explain")
