@@ -9,7 +9,8 @@ each in full precision (fp32) and in bf16 autocast, over several seeds.
                                                          # randomness aligned: the two must agree step by step
 
 Systems: minibert-fp32, minibert-bf16 and minibert-auto (train_finetune.py --precision ...; auto is what
-it does by default: bf16 where the CPU multiplies bf16 natively), transformers-fp32 and transformers-bf16
+it does by default: fp32 on a CPU while minibert.training.CPU_AUTO_BF16 is off, bf16 where the CPU
+multiplies bf16 natively once it is on), transformers-fp32 and transformers-bf16
 (torch.autocast(bfloat16) around every forward pass, training and evaluation: what transformers' Trainer
 does with bf16=True on a CPU).
 
@@ -55,7 +56,9 @@ from minibert.data.batching import collate, eval_batches, in_original_order, tra
 from minibert.data.encoding import encode_examples
 from minibert.data.labels import LabelVocab
 from minibert.data.tasks import movie_reviews
+from minibert import training
 from minibert.metrics import compute_metrics
+from minibert.precision import cpu_has_native_bf16, resolve_precision
 from minibert.tokenizer import load_tokenizer
 
 
@@ -161,13 +164,11 @@ def minibert_finetune(cfg: train_finetune.FinetuneConfig, precision: str, output
 SYSTEMS = ("minibert-fp32", "minibert-bf16", "minibert-auto", "transformers-fp32", "transformers-bf16")
 
 
-def cpu_has_native_bf16() -> bool:
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-
-
 def auto_system() -> str:
-    """The run that minibert-auto is on this machine: train_finetune.py's default precision."""
-    return "minibert-bf16" if cpu_has_native_bf16() else "minibert-fp32"
+    """The run that minibert-auto is on this machine: train_finetune.py's default precision (fp32 on a CPU
+    while training.CPU_AUTO_BF16 is off)."""
+    chosen = resolve_precision("auto", torch.device("cpu"), cpu_auto_bf16=training.CPU_AUTO_BF16)
+    return f"minibert-{chosen.name}"
 
 
 def summarize(runs: list[dict]) -> dict:

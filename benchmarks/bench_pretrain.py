@@ -4,8 +4,9 @@ against fp32, for BERT-Tiny and BERT-Mini.
     python benchmarks/bench_pretrain.py                  # tiny and mini, 300 steps, 3 runs each: ~25 minutes on 2 cores
     python benchmarks/bench_pretrain.py --quick          # tiny, 40 steps, 1 run each: about a minute
 
-auto is bf16 autocast where the CPU multiplies bf16 natively (AMX or AVX512-BF16) and fp32 elsewhere; on a
-CPU without native bf16 the two runs are the same setting, and the ratio measures the noise. Runs alternate
+auto is fp32 on a CPU while minibert.training.CPU_AUTO_BF16 is off (bf16 training has not been shown to keep
+fp32's accuracy), and then the two runs are the same setting and the ratio measures the noise; with it on,
+auto is bf16 autocast where the CPU multiplies bf16 natively (AMX or AVX512-BF16). Runs alternate
 (fp32, auto, fp32, auto, ...) so that machine noise hits both alike; each run's figure is real (unpadded)
 tokens per second over its training steps, evaluation and saving left out (--eval-steps 0, --save-steps 0;
 the held-out evaluation at the last step is outside the timed steps). The corpus is tokenized once into

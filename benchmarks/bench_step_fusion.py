@@ -37,10 +37,7 @@ import torch
 
 from bench_cpu import make_batch, movie_review_lengths
 from profile_step import build, train_step
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+from minibert.precision import cpu_has_native_bf16
 
 VARIANTS = ("eager", "compile-layers", "compile-model", "adamw-foreach", "adamw-loop")
 

@@ -1,5 +1,7 @@
 """The shared training loop: a fine-tuning trajectory equal to transformers', checkpoints and resume."""
 
+import logging
+
 import pytest
 import torch
 import transformers
@@ -389,3 +391,63 @@ def test_bf16_on_the_cpu_runs_under_autocast_and_keeps_fp32_weights(tmp_path):
     assert losses["fp32"] == pytest.approx(fp32, abs=1e-5)
     assert abs(losses["bf16"] - losses["fp32"]) > 1e-4  # bfloat16 keeps 8 bits of mantissa: it shows
     assert losses["bf16"] == pytest.approx(bf16, abs=abs(bf16 - fp32) / 2)
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def native_bf16(monkeypatch, amx: bool, avx512_bf16: bool = False) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+
+
+def precision_log(caplog, precision, switch=None, monkeypatch=None):
+    from minibert import training
+
+    if switch is not None:
+        monkeypatch.setattr(training, "CPU_AUTO_BF16", switch)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="minibert"):
+        chosen = training.resolve_precision(precision, torch.device("cpu"))
+    return chosen, [(r.levelname, r.getMessage()) for r in caplog.records]
+
+
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (False, True), (False, False)])
+def test_training_auto_on_the_cpu_is_fp32_and_the_log_says_why(monkeypatch, caplog, amx, avx512_bf16):
+    native_bf16(monkeypatch, amx, avx512_bf16)
+    chosen, records = precision_log(caplog, "auto")
+    [(level, line)] = records
+    assert chosen == "fp32" and level == "INFO" and line.startswith("minibert: training in fp32 (auto: fp32 for training")
+    # a CPU that has native bf16 is told how to use it; one that has none is not sent to bf16
+    assert ("--precision bf16 trains in it" in line) == (amx or avx512_bf16)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, chosen, reason", [
+    (True, False, "bf16", "AMX"), (False, True, "bf16", "AVX512-BF16"), (False, False, "fp32", "neither AMX nor AVX512-BF16")])
+def test_with_the_switch_on_auto_trains_in_bf16_exactly_where_the_cpu_has_it(monkeypatch, caplog, amx, avx512_bf16,
+                                                                             chosen, reason):
+    native_bf16(monkeypatch, amx, avx512_bf16)
+    got, [(level, line)] = precision_log(caplog, "auto", switch=True, monkeypatch=monkeypatch)
+    assert got == chosen and level == "INFO" and line.startswith(f"minibert: training in {chosen} (auto") and reason in line
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_runs_and_warns_once_naming_fp32(monkeypatch, caplog, amx):
+    native_bf16(monkeypatch, amx)
+    chosen, records = precision_log(caplog, "bf16")
+    warnings = [line for level, line in records if level == "WARNING"]
+    assert chosen == "bf16" and ("minibert: training in bf16 (as requested)" in [line for _, line in records])
+    if amx:
+        assert warnings == []
+    else:
+        [warning] = warnings
+        assert "emulates bf16" in warning and "--precision fp32" in warning and "\n" not in warning
+    assert precision_log(caplog, "fp32")[1] == [("INFO", "minibert: training in fp32 (as requested)")]
+
+
+def test_fp16_on_the_cpu_is_a_one_line_error():
+    from minibert.training import resolve_precision
+
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU") as err:
+        resolve_precision("fp16", torch.device("cpu"))
+    assert "\n" not in str(err.value)
