@@ -51,12 +51,12 @@ import transformers
 
 import bf16_emulation
 import train_finetune
+from minibert import training
 from minibert.assets import minilm_dir
 from minibert.data.batching import collate, eval_batches, in_original_order, train_batches
 from minibert.data.encoding import encode_examples
 from minibert.data.labels import LabelVocab
 from minibert.data.tasks import movie_reviews
-from minibert import training
 from minibert.metrics import compute_metrics
 from minibert.precision import cpu_has_native_bf16, resolve_precision
 from minibert.tokenizer import load_tokenizer

@@ -63,8 +63,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     emulates it, several times slower than fp32."""
     chosen = precisions.resolve_precision(precision, device, choices=TRAINING_PRECISIONS, cpu_auto_bf16=CPU_AUTO_BF16)
     reason = chosen.reason
-    if precision == "auto" and device.type == "cpu" and chosen.name == "fp32" and precisions.cpu_has_native_bf16():
-        reason += "; this CPU multiplies bf16 natively, and --precision bf16 trains in it"
+    if precision == "auto" and device.type == "cpu" and not CPU_AUTO_BF16:  # say what the hardware would give
+        hardware = precisions.resolve_precision("auto", device, choices=TRAINING_PRECISIONS, cpu_auto_bf16=True)
+        reason = hardware.reason if hardware.name == "fp32" else \
+            f"{reason}; this CPU multiplies bf16 natively, and --precision bf16 trains in it"
     logger.info("minibert: training in %s (%s)", chosen.name, reason)
     if chosen.name == "bf16" and device.type == "cpu" and not precisions.cpu_has_native_bf16():
         logger.warning("minibert: --precision bf16 on a CPU without AMX or AVX512-BF16: torch emulates bf16 matrix "
