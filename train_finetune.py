@@ -31,14 +31,20 @@ r"""Fine-tune a pretrained BERT on labelled text: classification, regression, mu
     # A killed (or Ctrl-C'd) run continues exactly where it stopped, with the settings it was started with;
     # the same command as before does too
     python train_finetune.py --output-dir runs/x --resume
-    # Label new data with a fine-tuned model (predictions.jsonl; test_results.json when it has labels)
+    # Documents longer than --max-length, read whole in overlapping windows (training, evaluation, prediction)
+    python train_finetune.py --train-file reviews.csv --validation-file dev.csv --max-length 256 --sliding-window
+    # Label new data with a fine-tuned model (predictions.jsonl; test_results.json when it has labels),
+    # in bf16 on a CPU with AMX or AVX512-BF16 (auto), or --precision int8 on one without
     python train_finetune.py --init runs/x --predict-only --test-file new.csv --output-dir runs/x-new
     # ... with each prediction's word attributions, and explanations.html to read them
     python train_finetune.py --init runs/x --predict-only --explain --test-file new.csv --output-dir runs/x-why
+    # In Python: minibert.pipeline("runs/x")("A gripping film.")  (minibert/inference.py)
 
 Writes to --output-dir: the best model as an HF directory (config.json with id2label, model.safetensors,
 tokenizer files) that `--init DIR`, minibert and transformers' AutoModelFor... load; eval_results.json
-and test_results.json; train_results.json (steps, seconds, examples/s); predictions.jsonl for the test set; metrics.jsonl; training_curves.png;
+and test_results.json; train_results.json (steps, seconds, examples/s); predictions.jsonl for the test set (each
+input with its result as minibert.pipeline gives it: label, score and probabilities, labels, a value, or word
+tags and entities); metrics.jsonl; training_curves.png;
 finetune_config.json (the resolved settings); checkpoint/ while the run is in progress (for --resume). A LoRA
 run's model is the merged one (a plain BERT), and adapter/ holds the adapter in peft's format. test_results.json
 has ece, brier, nll before and after temperature scaling for classifiers (the temperature is in config.json), and
@@ -47,7 +53,6 @@ reliability.png shows them; with --seeds, seeds/seed-N/ per run and seeds_result
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -58,6 +63,7 @@ import numpy as np
 import torch
 
 from minibert import finetuning as F
+from minibert import inference as I
 from minibert.assets import MINILM_HUB_ID
 from minibert.attributions import explain_records
 from minibert.atomic_write import atomic_write_text, write_json
@@ -66,25 +72,22 @@ from minibert.calibration import (
     calibration_report,
     fit_temperature,
     plot_reliability,
-    probabilities,
     temperature_for_config,
-    temperature_from_config,
     top_label,
 )
 from minibert.calibration import CONFIG_KEY as TEMPERATURE_KEY
 from minibert.class_weights import class_weights, weighted_loss
 from minibert.cli import check_counts, config_overrides, parse_settings, run_cli, setup_logging
 from minibert.config import BertConfig
-from minibert.crf import CRF_FILE, BertCRFForTokenClassification
 from minibert.curves import plot_curves
 from minibert.explanation_page import write_page
 from minibert.hub import resolve_model_dir
+from minibert.inference import TAG_SCHEME_KEY, THRESHOLDS_KEY
 from minibert.lora import LoraModel, LoraSettings, read_adapter_config, read_adapter_weights
 from minibert.seeds import parse_seeds, run_seeds
-from minibert.metrics import MAIN_METRIC, METRICS, compute_metrics, per_class_scores
-from minibert.spans import entity_spans, span_record
-from minibert.tagging import SCHEMES, CRFWeights, decode_tags, detect_scheme, log_softmax
-from minibert.thresholds import threshold_vector, tune_thresholds
+from minibert.metrics import MAIN_METRIC, METRICS
+from minibert.tagging import SCHEMES, detect_scheme
+from minibert.thresholds import tune_thresholds
 from minibert.tokenizer import load_tokenizer
 from minibert.training import (
     Distributed,
@@ -100,17 +103,11 @@ from minibert.training import (
     seed_everything,
     setup_distributed,
 )
-from minibert.data.batching import collate, eval_batches, in_original_order
-from minibert.data.encoding import encode_examples
+from minibert.data.encoding import check_stride
 from minibert.data.examples import DataError
-from minibert.data.labels import LabelVocab
 from minibert.data.readers import load_examples
 
 logger = logging.getLogger("minibert")
-
-# Saved by fine-tuning in config.json (BertConfig.extra), read by every prediction after it.
-TAG_SCHEME_KEY = "tag_scheme"  # the scheme decoding keeps to: bio, bioes, or null (IOB1 or plain tags)
-THRESHOLDS_KEY = "label_thresholds"  # multilabel: {label: threshold} from --tune-thresholds
 
 
 @dataclass
@@ -138,7 +135,13 @@ class FinetuneConfig:
     # learning curves over the number of labels (benchmarks/transfer.py --label-budgets).
     max_train_examples: int = 0
     group_by_length: bool = True  # batches of similar lengths: less padding, faster; --no-group-by-length shuffles freely
-    max_length: int | None = None  # tokens per example with [CLS]/[SEP]; longer ones are truncated. None: 128, or fewer if the model has fewer positions
+    max_length: int | None = None  # tokens per example with [CLS]/[SEP]; longer ones are cut (see --sliding-window). None: 128, or fewer if the model has fewer positions
+    # Read examples longer than --max-length whole, in overlapping windows of --max-length tokens: in training
+    # each window is an example with its text's label; evaluation and prediction average a text's window
+    # logits (a word takes its tag from the window where it sits farthest from a cut edge), and the metrics
+    # count texts, not windows.
+    sliding_window: bool = False
+    stride: int | None = None  # with --sliding-window: tokens neighbouring windows share; None: a quarter of --max-length
     tag_scheme: str = "bio"  # bio | bioes: the tags span-annotated text ({"text", "spans"}, doccano, Label Studio) gets
     # --- imbalanced data, tags and thresholds ---
     # balanced (n_samples / (n_classes * count), scikit-learn's) or FILE.json ({label: weight}): weights the loss per
@@ -200,7 +203,9 @@ class FinetuneConfig:
     # The validation metric that picks the best checkpoint (and early stopping); None: the task's main one
     # (accuracy for classification). With imbalanced classes, f1 (of class id 1 when there are two) or mcc says more.
     best_metric: str | None = None
-    precision: str = "auto"  # fp32 | bf16 | fp16; auto = bf16 on a GPU that supports it, fp32 on CPU
+    # fp32 | bf16 | fp16 | int8 (--predict-only, CPU); auto = bf16 on a GPU that supports it, fp32 for training on a
+    # CPU; --predict-only's auto is bf16 on a CPU with AMX or AVX512-BF16 too (it logs which and why)
+    precision: str = "auto"
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     device: str | None = None  # cuda | cpu; default: the GPU if there is one
     resume: bool = False  # continue the run in --output-dir from its last checkpoint, with the settings it was started with
@@ -292,6 +297,17 @@ def count_weights(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
+def window_stride(cfg: FinetuneConfig, task: F.TaskData, tokenizer, max_length: int) -> int | None:
+    """--stride, or its default, with --sliding-window (checked: each window must hold new text); None
+    (inputs are cut at --max-length) without."""
+    if not cfg.sliding_window:
+        return None
+    stride = max_length // 4 if cfg.stride is None else cfg.stride
+    pairs = task.train[0].text_pair is not None
+    check_stride(stride, max_length, tokenizer.num_special_tokens_to_add(pairs), pairs)
+    return stride
+
+
 def build_model(cfg: FinetuneConfig, task: F.TaskData, vocab, init_dir: Path):
     # A resumed run's weights come from its checkpoint: what --init lacks is no news then.
     model = F.build_model(task.task_type, vocab, init_dir, reinit_head=cfg.reinit_head, attn_impl=cfg.attn_impl,
@@ -355,7 +371,8 @@ def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeat
     # The settings as given (what --resume compares and restores), then what they resolved to.
     run_config = {**dataclasses.asdict(cfg), "resolved": {
         "precision": precision, "task_type": task.task_type, "task_name": task.name, "max_length": max_length,
-        "total_steps": total_steps, "world_size": dist.world_size, "init_dir": str(init_dir)}}
+        "total_steps": total_steps, "world_size": dist.world_size, "init_dir": str(init_dir),
+        "text_pairs": task.train[0].text_pair is not None}}  # what minibert.pipeline then accepts
     state = trainer.resume() if cfg.resume else TrainState()
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,11 +396,13 @@ def train(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatu
     trainer, pad_id = run.trainer, tokenizer.token_to_id("[PAD]")
 
     def validate(model) -> dict:
-        decoding = Decoding.of(model, task.task_type, vocab, cfg.constrained_decoding)
-        outputs = predict(model, features.validation, cfg.eval_batch_size, pad_id, trainer.device, trainer.autocast)
-        loss = F.validation_loss(outputs, features.validation, task.task_type, model.config.problem_type)
-        return {**score(task, outputs, features.validation, vocab, decoding), "loss": loss,
-                "per_class": per_class(task, outputs, features.validation, vocab, decoding)}
+        model_task = trained_task(cfg, task, vocab, model)
+        windows = I.predict_logits(model, features.validation, batch_size=cfg.eval_batch_size, pad_token_id=pad_id,
+                                   device=trainer.device, precision=trainer.settings.precision)
+        outputs, references = document_outputs(task.task_type, task.validation, features.validation, windows)
+        loss = F.validation_loss(windows, features.validation, task.task_type, model.config.problem_type)
+        return {**I.score(model_task, outputs, references, task.metric_names), "loss": loss,
+                "per_class": I.per_class(model_task, outputs, references)}
 
     return F.train(trainer, run.state, features.train, run.schedule, epochs=run.epochs, pad_token_id=pad_id,
                    validate=validate, main_metric=run.main_metric, tokenizer=tokenizer, run_config=run.run_config,
@@ -410,38 +429,30 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
         best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
         results["eval"] = json.loads((out_dir / "eval_results.json").read_text()) if (out_dir / "eval_results.json").exists() else None
         pad_id = tokenizer.token_to_id("[PAD]")
-        predict_fn = lambda m, f: predict(m, f, cfg.eval_batch_size, pad_id, dist.device, trainer.autocast)  # noqa: E731
+        validation = None  # the validation split's (outputs, references), predicted once when needed
         if task.task_type in CALIBRATED_TASKS:  # first T, then any thresholds: they apply to calibrated probabilities
-            results["eval"] = calibrate(best, task, features.validation, vocab, results["eval"], out_dir, tokenizer,
-                                        predict_fn, fit=cfg.calibrate)
+            validation = predict_split(cfg, best, task.task_type, task.validation, features.validation, pad_id, trainer)
+            results["eval"] = calibrate(best, task, vocab, *validation, results["eval"], out_dir, tokenizer, fit=cfg.calibrate)
         if cfg.tune_thresholds:
-            results["eval"] = keep_tuned_thresholds(best, task, features.validation, vocab, results["eval"], out_dir, tokenizer,
-                                                    predict_fn)
-        decoding = Decoding.of(best, task.task_type, vocab, cfg.constrained_decoding)
-        temperature = decoding.temperature if cfg.calibrate else None  # None: the results say T = 1 was not fitted
-        outputs = None
+            results["eval"] = keep_tuned_thresholds(cfg, best, task, vocab, *validation, results["eval"], out_dir, tokenizer)
+        model_task = trained_task(cfg, task, vocab, best)
+        temperature = model_task.temperature if cfg.calibrate else None  # None: the results say T = 1 was not fitted
         if features.test:
-            outputs = predict_fn(best, features.test)
-            records = prediction_records(task, task.test, outputs, features.test, vocab, decoding)
-            lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # UTF-8: texts stay readable
-            atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
+            outputs, references = predict_split(cfg, best, task.task_type, task.test, features.test, pad_id, trainer)
+            write_predictions(out_dir, model_task, task.test, I.results(model_task, task.test, outputs))
             if features.test[0].label is not None:
-                results["test"] = score(task, outputs, features.test, vocab, decoding)
+                results["test"] = I.score(model_task, outputs, references, task.metric_names)
                 if task.task_type in CALIBRATED_TASKS:
-                    results["test"].update(calibration_report(task.task_type, np.stack(outputs),
-                                                              calibration_labels(features.test), temperature))
+                    results["test"].update(calibration_report(task.task_type, np.stack(outputs), np.stack(references),
+                                                              temperature))
                 logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
-                results["test"]["per_class"] = per_class(task, outputs, features.test, vocab, decoding)
+                results["test"]["per_class"] = I.per_class(model_task, outputs, references)
                 write_json(out_dir / "test_results.json", results["test"])
         if task.task_type in CALIBRATED_TASKS:
             # On the test set when it has labels: T was fitted on the validation set, where "after" would flatter.
-            if results["test"] is not None:
-                split, logits, labels = "test", np.stack(outputs), calibration_labels(features.test)
-            else:
-                split, logits = "validation", np.stack(predict_fn(best, features.validation))
-                labels = calibration_labels(features.validation)
+            split, (logits, labels) = ("test", (outputs, references)) if results["test"] is not None else ("validation", validation)
             plot_calibration(out_dir / "reliability.png", f"{task.name}, {split} set ({len(labels)} examples)",
-                             task.task_type, logits, labels, temperature)
+                             task.task_type, np.stack(logits), np.stack(labels), temperature)
         plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", eval_metrics=(run.main_metric,))
         trainer.remove_checkpoints()
         logger.info("minibert: best %s %.4f (step %s); model in %s", run.main_metric,
@@ -450,119 +461,39 @@ def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, 
     return results
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- predictions
+#
+# Prediction, scoring and predictions.jsonl's records are minibert.inference's, the code minibert.pipeline
+# runs: a model's predictions here and in Python are the same numbers.
 
 
-@torch.no_grad()
-def predict(model, features, batch_size: int, pad_token_id: int, device, autocast) -> list[np.ndarray]:
-    """Raw outputs per example, in example order: (L,) logits, or (T, L) per-token logits."""
-    model.eval()
-    batches = eval_batches([len(f) for f in features], batch_size)
-    outputs = []
-    for batch in batches:
-        inputs = collate([features[i] for i in batch], pad_token_id)
-        inputs.pop("labels", None)
-        with autocast():
-            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits.float().cpu().numpy()
-        outputs.append([logits[row, : len(features[i])] if logits.ndim == 3 else logits[row] for row, i in enumerate(batch)])
-    return in_original_order(batches, outputs)
+def trained_task(cfg: FinetuneConfig, task: F.TaskData, vocab, model) -> I.ModelTask:
+    """What the model being trained predicts, as minibert.inference describes a fine-tuned model."""
+    return I.ModelTask.of(model, task.task_type, vocab.labels if vocab is not None else None,
+                          constrained=cfg.constrained_decoding)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def predict_split(cfg: FinetuneConfig, model, task_type: str, examples, features, pad_token_id: int,
+                  trainer: Trainer) -> tuple[list, list]:
+    """One output and one reference per example of a split, however many windows it was read in."""
+    windows = I.predict_logits(model, features, batch_size=cfg.eval_batch_size, pad_token_id=pad_token_id,
+                               device=trainer.device, precision=trainer.settings.precision)
+    return document_outputs(task_type, examples, features, windows)
 
 
-@dataclass
-class Decoding:
-    """How a model's outputs become predictions, from its config.json and head."""
-
-    scheme: str | None = None  # token classification: the tag scheme whose rules decoding keeps; None: argmax
-    crf: CRFWeights | None = None  # the CRF's transition scores (--crf models)
-    thresholds: np.ndarray | None = None  # multilabel: (L,) per-label thresholds (0.5 unless tuned), on calibrated probabilities
-    temperature: float | list[float] = 1.0  # classification, multilabel: the calibration temperature (one per label for multilabel)
-
-    @classmethod
-    def of(cls, model, task_type: str, vocab, constrained: bool) -> Decoding:
-        extra = model.config.extra
-        return cls(
-            scheme=extra.get(TAG_SCHEME_KEY) if constrained and task_type == "token-classification" else None,
-            crf=model.crf_weights() if isinstance(model, BertCRFForTokenClassification) else None,
-            thresholds=threshold_vector(extra.get(THRESHOLDS_KEY), vocab.labels) if task_type == "multilabel" else None,
-            temperature=temperature_from_config(extra, vocab.labels) if task_type in CALIBRATED_TASKS else 1.0,
-        )
+def document_outputs(task_type: str, examples, features, windows) -> tuple[list, list]:
+    """The outputs of a split's features (`windows`) merged into one output and one reference per example."""
+    words = I.word_counts(task_type, examples)
+    return I.document_outputs(task_type, features, windows, words), I.document_labels(task_type, features, words)
 
 
-def word_tag_ids(output: np.ndarray, feature, vocab, decoding: Decoding) -> np.ndarray:
-    """The tag id of each word with a first piece, in word order: (T, L) logits -> (W,)."""
-    logits = output[feature.word_ids >= 0]
-    scores = logits if decoding.crf is not None else log_softmax(logits)  # a CRF scores logits, not log-probs
-    return np.array(decode_tags(scores, vocab.labels, decoding.scheme, decoding.crf), dtype=np.int64)
+def write_predictions(out_dir: Path, task: I.ModelTask, examples, answers: list[dict]) -> None:
+    write_records(out_dir, I.prediction_records(task, examples, answers))
 
 
-def _predictions(task: F.TaskData, outputs, features, vocab, decoding: Decoding):
-    """(predictions, references) as minibert.metrics takes them."""
-    if task.task_type == "classification":
-        return np.stack(outputs), np.array([f.label for f in features])
-    if task.task_type == "regression":
-        return np.stack(outputs)[:, 0], np.array([f.label for f in features])
-    if task.task_type == "multilabel":
-        decisions = (probabilities("multilabel", np.stack(outputs), decoding.temperature) >= decoding.thresholds).astype(np.int64)
-        return decisions, np.stack([f.label for f in features])
-    preds = [word_tag_ids(o, f, vocab, decoding) for o, f in zip(outputs, features)]
-    return preds, [f.label[f.word_ids >= 0] for f in features]
-
-
-def score(task: F.TaskData, outputs, features, vocab, decoding: Decoding) -> dict[str, float]:
-    id2label = dict(enumerate(vocab.labels)) if vocab is not None else None
-    preds, refs = _predictions(task, outputs, features, vocab, decoding)
-    return compute_metrics(task.task_type, preds, refs, id2label=id2label, metric_names=task.metric_names)
-
-
-def per_class(task: F.TaskData, outputs, features, vocab, decoding: Decoding) -> dict | None:
-    """Precision, recall, F1 and support of each class, label or entity type; None for regression."""
-    if task.task_type == "regression":
-        return None
-    preds, refs = _predictions(task, outputs, features, vocab, decoding)
-    return per_class_scores(task.task_type, preds, refs, id2label=dict(enumerate(vocab.labels)))
-
-
-def _token_record(ex, out: np.ndarray, feat, vocab, decoding: Decoding) -> dict:
-    """Tags per word ({"tokens", "tags"}), or for span-annotated input the entities as spans in its own format."""
-    first = feat.word_ids >= 0
-    ids = word_tag_ids(out, feat, vocab, decoding)
-    chosen = _softmax(out[first])[np.arange(len(ids)), ids]  # the probability of each word's tag
-    words = feat.word_ids[first]
-    tags = {int(w): vocab.labels[int(t)] for w, t in zip(words, ids)}
-    word_tags = [tags.get(i) for i in range(len(ex.text))]  # None: cut by --max-length
-    if ex.tagged_text is None:
-        return {"tokens": ex.text, "tags": word_tags, **({"gold": ex.label} if ex.label is not None else {})}
-    probability = dict(zip(words.tolist(), chosen.tolist()))
-    entities = [(span, float(np.mean([probability[w] for w in range(a, b + 1)])))
-                for span, a, b in entity_spans(word_tags, ex.tagged_text.offsets)]
-    return span_record(ex.tagged_text.record, ex.tagged_text.fmt, ex.tagged_text.text, entities)
-
-
-def prediction_records(task: F.TaskData, examples, outputs, features, vocab, decoding: Decoding) -> list[dict]:
-    records = []
-    for ex, out, feat in zip(examples, outputs, features):
-        if task.task_type == "token-classification":
-            records.append(_token_record(ex, out, feat, vocab, decoding))
-            continue
-        record = {"text": ex.text} if ex.text_pair is None else {"text": ex.text, "text_pair": ex.text_pair}
-        if task.task_type == "classification":
-            probs = probabilities("classification", out[None], decoding.temperature)[0]
-            record.update(label=vocab.labels[int(probs.argmax())], probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
-        elif task.task_type == "regression":
-            record["prediction"] = float(out[0])
-        else:
-            probs = probabilities("multilabel", out[None], decoding.temperature)[0]
-            record.update(labels=[l for l, p, t in zip(vocab.labels, probs, decoding.thresholds) if p >= t],
-                          probabilities=dict(zip(vocab.labels, probs.round(6).tolist())))
-        if ex.label is not None:
-            record["gold"] = ex.label
-        records.append(record)
-    return records
+def write_records(out_dir: Path, records: list[dict]) -> None:
+    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # UTF-8: texts stay readable
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
 
 
 def adapter_head(adapter_dir: str) -> tuple[str, int]:
@@ -575,90 +506,86 @@ def adapter_head(adapter_dir: str) -> tuple[str, int]:
     return ("token" if config.get("task_type") == "TOKEN_CLS" else "sequence"), int(weight.shape[0])
 
 
+def adapter_model(cfg: FinetuneConfig, overrides: dict) -> tuple:
+    """--lora-adapter with --predict-only: --init with the adapter merged in, its task type and labels (the
+    class ids: peft keeps no label names), and the tokenizer, as ready_pipeline takes them."""
+    init_dir = resolve_model_dir(cfg.init)
+    kind, num_labels = adapter_head(cfg.lora_adapter)
+    if kind == "token":
+        task_type = "token-classification"
+    elif cfg.task_type == "multilabel":  # an adapter cannot tell, the user can
+        task_type = "multilabel"
+    else:
+        task_type = "regression" if num_labels == 1 else "classification"  # HF's rule without a problem_type
+    model = F.model_class(task_type).from_pretrained(str(init_dir), verbose=False, reinit_head=True,
+                                                     num_labels=num_labels, **overrides)
+    merged = LoraModel.from_adapter(model, cfg.lora_adapter, base=cfg.init).merged_model()
+    labels = None if task_type == "regression" else [str(i) for i in range(num_labels)]
+    return merged, load_tokenizer(init_dir), task_type, labels
+
+
 def predict_only(cfg: FinetuneConfig) -> dict:
-    """--predict-only: a fine-tuned model (--init) labels --test-file; nothing is trained."""
+    """--predict-only: the fine-tuned model --init labels --test-file through minibert.pipeline, with its
+    own task type and labels; nothing is trained."""
     if not cfg.test_file:
         raise DataError("--predict-only needs --test-file, the examples to label")
     if cfg.tune_thresholds:
         raise ValueError("--tune-thresholds picks thresholds on a validation set, and --predict-only has none: tune "
                          "them while fine-tuning (the model keeps them in its config.json)")
-    init_dir = resolve_model_dir(cfg.init)
-    config = BertConfig.from_json_file(init_dir / "config.json", **config_overrides(cfg.config))
-    kind = F.classifier_kind(config, init_dir)
-    if cfg.lora_adapter is not None:  # the head is the adapter's; peft keeps no label names, so they are the ids
-        kind, num_labels = adapter_head(cfg.lora_adapter)
-        config = config.replace(num_labels=num_labels, id2label=None, problem_type=None)
-    if kind == "token":
-        task_type = "token-classification"
-    elif kind == "sequence":
-        guess = "regression" if config.num_labels == 1 else "classification"  # HF's rule without a problem_type
-        task_type = {"regression": "regression", "multi_label_classification": "multilabel",
-                     "single_label_classification": "classification"}.get(config.problem_type, guess)
-        if cfg.lora_adapter is not None and cfg.task_type == "multilabel":  # an adapter cannot tell, the user can
-            task_type = "multilabel"
-    else:
-        raise DataError(f"--predict-only needs a fine-tuned model as --init, and {cfg.init} has no classifier head: "
-                        "fine-tune it first (drop --predict-only)")
-    vocab = None if task_type == "regression" else LabelVocab(F.checkpoint_labels(config))
-    max_length = F.max_length_for(config, cfg.max_length, cfg.init)
-    tokenizer = load_tokenizer(init_dir)
-    # New data for a model has the columns it was trained on, more often than not: those are the defaults.
-    columns = {**F.saved_columns(init_dir), **{name: getattr(cfg, name) for name in F.COLUMN_SETTINGS if getattr(cfg, name)}}
-    F.check_tokenizer_fits(tokenizer, config, cfg.init, text_pairs=bool(columns.get("text_pair_column")))
-    # Gold spans of a labelled test file are tagged as the model was trained (a CoNLL-trained model: --tag-scheme).
-    scheme = config.extra.get(TAG_SCHEME_KEY) if config.extra.get(TAG_SCHEME_KEY) in SCHEMES else cfg.tag_scheme
-    columns.update(tokenizer=tokenizer, tag_scheme=scheme)
-    examples = load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False, **columns)
-    pad_id = tokenizer.token_to_id("[PAD]")
-    features = encode_examples(tokenizer, examples, max_length=max_length, task_type=task_type, label_vocab=vocab,
-                               source="the test data")
     device = setup_distributed(cfg.device).device
     check_attention_backend(cfg.attn_impl, device)
-    precision = resolve_precision(cfg.precision, device)
-    overrides = {**({"attn_impl": cfg.attn_impl} if cfg.attn_impl else {}), **config_overrides(cfg.config)}
+    # Attributions take gradients through the model's own weights: auto keeps them fp32 with --explain.
+    precision = "fp32" if cfg.explain and cfg.precision == "auto" else cfg.precision
+    settings = dict(precision=precision, device=str(device), batch_size=cfg.eval_batch_size, max_length=cfg.max_length,
+                    sliding_window=cfg.sliding_window, stride=cfg.stride, progress=cfg.progress)
+    overrides = {**config_overrides(cfg.config), **({"attn_impl": cfg.attn_impl} if cfg.attn_impl else {})}
     if cfg.lora_adapter is None:
-        crf = task_type == "token-classification" and (init_dir / CRF_FILE).is_file()
-        model = F.model_class(task_type, crf=crf).from_pretrained(str(init_dir), verbose=False, **overrides)
+        pipe = I.pipeline(cfg.init, **settings, attn_impl=cfg.attn_impl, config_overrides=config_overrides(cfg.config))
     else:
-        model = F.model_class(task_type).from_pretrained(str(init_dir), verbose=False, reinit_head=True,
-                                                         **{**overrides, "num_labels": config.num_labels})
-        model = LoraModel.from_adapter(model, cfg.lora_adapter, base=cfg.init)
-    decoding = Decoding.of(model, task_type, vocab, cfg.constrained_decoding)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    autocast = lambda: torch.autocast(device.type, dtype=dtypes[precision]) if precision in dtypes else contextlib.nullcontext()  # noqa: E731
-    outputs = predict(model.to(device), features, cfg.eval_batch_size, pad_id, device, autocast)
-    task = F.TaskData(task_type, [], [], examples, Path(cfg.test_file).stem)
+        pipe = I.ready_pipeline(*adapter_model(cfg, overrides), name=cfg.lora_adapter, **settings)
+    if not cfg.constrained_decoding:
+        pipe.task = dataclasses.replace(pipe.task, tag_scheme=None)
+    init_dir = resolve_model_dir(cfg.init)
+    config = BertConfig.from_json_file(init_dir / "config.json", **config_overrides(cfg.config))
+    # The columns the model was trained with are the defaults: new data has them more often than not.
+    columns = {**F.saved_columns(init_dir), **{name: getattr(cfg, name) for name in F.COLUMN_SETTINGS if getattr(cfg, name)}}
+    F.check_tokenizer_fits(pipe.tokenizer, config, cfg.init, text_pairs=bool(columns.get("text_pair_column")))
+    # Gold spans of a labelled test file are tagged as the model was trained (a CoNLL-trained model: --tag-scheme).
+    scheme = config.extra.get(TAG_SCHEME_KEY) if config.extra.get(TAG_SCHEME_KEY) in SCHEMES else cfg.tag_scheme
+    task_type = pipe.task.task_type
+    examples = load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False,
+                             tokenizer=pipe.tokenizer, tag_scheme=scheme, **columns)
+    labelled = examples[0].label is not None
+    features = pipe.encode(examples, labelled=labelled, source="the test data")
+    outputs = pipe.outputs(examples, features, progress=cfg.progress and len(examples) >= I.PROGRESS_FROM)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = prediction_records(task, examples, outputs, features, vocab, decoding)
+    answers = I.results(pipe.task, examples, outputs)
+    records = I.prediction_records(pipe.task, examples, answers)
     if cfg.explain:
-        inner = model.model if isinstance(model, LoraModel) else model  # the LoRA layers sit inside it
+        if pipe.precision.name == "int8":
+            raise ValueError("--explain takes gradients through the torch model, and --precision int8 runs ONNX Runtime: "
+                             "use --precision fp32 or bf16 with --explain")
         if cfg.explain_target is not None and task_type not in CALIBRATED_TASKS:
             raise ValueError(f"--explain-target names a label to explain, and a {task_type} model explains "
                              f"{'its value' if task_type == 'regression' else 'each entity'}: drop --explain-target")
-        tags = None
-        if task_type == "token-classification":  # each word's predicted tag (None: cut off by --max-length)
-            tags = [[None] * len(ex.text) for ex in examples]
-            for words, out, feat in zip(tags, outputs, features):
-                for w, t in zip(feat.word_ids[feat.word_ids >= 0], word_tag_ids(out, feat, vocab, decoding)):
-                    words[int(w)] = vocab.labels[int(t)]
-        records, page = explain_records(inner.float().eval(), tokenizer, task_type, vocab.labels if vocab else None,
-                                        examples, records, tags=tags, temperature=decoding.temperature,
-                                        target=cfg.explain_target, steps=cfg.explain_steps, max_length=max_length,
-                                        device=device)
+        tags = [answer["tags"] for answer in answers] if task_type == "token-classification" else None
+        records, page = explain_records(pipe.model.float().eval(), pipe.tokenizer, task_type, pipe.task.labels, examples,
+                                        records, tags=tags, temperature=pipe.task.temperature, target=cfg.explain_target,
+                                        steps=cfg.explain_steps, max_length=pipe.max_length, device=pipe.device)
         write_page(out_dir / "explanations.html", page, title=f"minibert: what {cfg.init}'s predictions rest on")
         logger.info("minibert: %d explanations in %s", len(page), out_dir / "explanations.html")
-    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
+    write_records(out_dir, records)
     logger.info("minibert: %s predictions of %s in %s", len(examples), cfg.init, out_dir / "predictions.jsonl")
     results = {"eval": None, "test": None, "output_dir": str(out_dir)}
-    if features and features[0].label is not None:
-        results["test"] = score(task, outputs, features, vocab, decoding)
+    if labelled:
+        references = I.document_labels(task_type, features, I.word_counts(task_type, examples))
+        results["test"] = I.score(pipe.task, outputs, references)
         if task_type in CALIBRATED_TASKS:  # with the uncalibrated figures beside when the model has a temperature
-            temperature = decoding.temperature if TEMPERATURE_KEY in model.config.extra else None
-            results["test"].update(calibration_report(task_type, np.stack(outputs), calibration_labels(features), temperature))
+            temperature = pipe.task.temperature if TEMPERATURE_KEY in config.extra else None
+            results["test"].update(calibration_report(task_type, np.stack(outputs), np.stack(references), temperature))
         logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
-        results["test"]["per_class"] = per_class(task, outputs, features, vocab, decoding)
+        results["test"]["per_class"] = I.per_class(pipe.task, outputs, references)
         write_json(out_dir / "test_results.json", results["test"])
     return results
 
@@ -678,18 +605,13 @@ def check_task_settings(cfg: FinetuneConfig, task: F.TaskData) -> None:
         raise ValueError("--class-weights and --crf: the CRF's loss is over whole tag sequences, not per tag: drop one")
 
 
-def calibration_labels(features) -> np.ndarray:
-    """The labels calibration compares with: (N,) class ids, or (N, L) multi-hot for multilabel."""
-    return np.stack([f.label for f in features])
-
-
-def calibrate(model, task: F.TaskData, val_features, vocab, eval_results: dict | None, out_dir: Path, tokenizer,
-              predict_fn, fit: bool) -> dict:
+def calibrate(model, task: F.TaskData, vocab, outputs, references, eval_results: dict | None, out_dir: Path,
+              tokenizer, fit: bool) -> dict:
     """Temperature scaling: T fitted on the best model's validation logits (minimum NLL), saved in config.json as
     calibration_temperature, so that every prediction after it applies it. eval_results.json gains ece, brier and
     nll at T, the same at T = 1 beside them (ece_uncalibrated, ...) and T itself. fit=False (--no-calibrate):
     the three at T = 1 only, and no temperature saved."""
-    logits, labels = np.stack(predict_fn(model, val_features)), calibration_labels(val_features)
+    logits, labels = np.stack(outputs), np.stack(references)  # labels: (N,) class ids, or (N, L) multi-hot
     eval_results = dict(eval_results or {})
     temperature = fit_temperature(task.task_type, logits, labels) if fit else None
     if temperature is not None:
@@ -716,27 +638,26 @@ def plot_calibration(path: Path, title: str, task_type: str, logits: np.ndarray,
     plot_reliability(path, curves, title=title)
 
 
-def keep_tuned_thresholds(model, task: F.TaskData, val_features, vocab, eval_results: dict, out_dir: Path, tokenizer,
-                          predict_fn) -> dict:
+def keep_tuned_thresholds(cfg: FinetuneConfig, model, task: F.TaskData, vocab, outputs, references, eval_results: dict,
+                          out_dir: Path, tokenizer) -> dict:
     """--tune-thresholds: each label's F1-best threshold on the validation set, saved in config.json (as
     label_thresholds) and in eval_results.json, with the validation scores at them (tuned on that data, so
-    an optimistic estimate: the test set tells the truth). They are tuned on the probabilities as predicted, at
-    the calibration temperature, so call it after calibrate()."""
-    outputs = predict_fn(model, val_features)
-    probs = probabilities("multilabel", np.stack(outputs), temperature_from_config(model.config.extra, vocab.labels))
-    thresholds, untuned = tune_thresholds(probs, np.stack([f.label for f in val_features]), vocab.labels)
+    an optimistic estimate: the test set tells the truth). The thresholds apply to the probabilities
+    as predicted, calibrated when the model has a temperature."""
+    probs = I.probabilities(trained_task(cfg, task, vocab, model), np.stack(outputs))
+    thresholds, untuned = tune_thresholds(probs, np.stack(references), vocab.labels)
     if untuned:
         logger.warning("minibert: the validation set has no example of %s: %s keep the threshold 0.5",
                        ", ".join(untuned), "it" if len(untuned) == 1 else "they")
     model.config.extra[THRESHOLDS_KEY] = thresholds
     model.save_pretrained(out_dir, tokenizer=tokenizer)
-    decoding = Decoding.of(model, task.task_type, vocab, constrained=True)
-    tuned = score(task, outputs, val_features, vocab, decoding)
+    model_task = trained_task(cfg, task, vocab, model)
+    tuned = I.score(model_task, outputs, references, task.metric_names)
     logger.info("minibert: label thresholds %s; validation at them: %s",
                 ", ".join(f"{label} {t:.3f}" for label, t in thresholds.items()),
                 ", ".join(f"{k} {v:.4f}" for k, v in tuned.items()))
     eval_results = {**(eval_results or {}), THRESHOLDS_KEY: thresholds, "at_tuned_thresholds": {
-        **tuned, "per_class": per_class(task, outputs, val_features, vocab, decoding)}}
+        **tuned, "per_class": I.per_class(model_task, outputs, references)}}
     write_json(out_dir / "eval_results.json", eval_results)
     return eval_results
 
@@ -757,6 +678,10 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
                  at_least_zero=("max_steps", "eval_steps", "save_steps", "early_stopping", "max_train_examples"))
     check_layer_lr_decay(cfg.layer_lr_decay)
     lora_settings(cfg)  # LoRA flags that contradict each other, or an adapter minibert cannot load
+    if cfg.stride is not None and not cfg.sliding_window:
+        raise ValueError(f"--stride {cfg.stride} is the overlap of sliding windows: add --sliding-window")
+    if cfg.precision == "int8" and not cfg.predict_only:
+        raise ValueError("--precision int8 is for prediction (--predict-only); train in fp32 or bf16")
     if cfg.tag_scheme not in SCHEMES:
         raise ValueError(f"--tag-scheme {cfg.tag_scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
     if (cfg.explain or cfg.explain_target is not None) and not cfg.predict_only:
@@ -804,7 +729,7 @@ def finetune(cfg: FinetuneConfig, *, _stop_after_steps: int | None = None) -> di
         max_length = F.max_length_for(init_config, cfg.max_length, cfg.init)
         vocab = choose_labels(cfg, task, init_dir, init_config)
         check_task_tokenizer(cfg, task, tokenizer, init_config)
-        features = F.encode_task(tokenizer, task, vocab, max_length)
+        features = F.encode_task(tokenizer, task, vocab, max_length, window_stride(cfg, task, tokenizer, max_length))
         model = build_model(cfg, task, vocab, init_dir)
         run = start_run(cfg, model, task, features, max_length, init_dir, dist,
                         loss_fn=loss_for(cfg, task, features, vocab))

@@ -98,7 +98,8 @@ def main() -> None:
 
     def relabel(name: str, model: str, suffix: str, *extra: str) -> dict:
         results = train_finetune.main(["--init", f"runs/ner/{model}", "--predict-only", "--test-file",
-                                       str(data / f"test.{suffix}"), "--output-dir", f"runs/ner/{name}", *extra])
+                                       str(data / f"test.{suffix}"), "--output-dir", f"runs/ner/{name}",
+                                       "--precision", "fp32", *extra])  # as the training runs evaluate
         return json.loads((Path(results["output_dir"]) / "test_results.json").read_text())
 
     runs = {"conll": train("conll", "conll"), "spans": train("spans", "jsonl")}

@@ -1,7 +1,9 @@
 """minibert: a compact BERT encoder in PyTorch, with Hugging Face weights in and out.
 
-    from minibert import BertModel, load_tokenizer
+    from minibert import BertModel, load_tokenizer, pipeline
     model = BertModel.from_pretrained("bert-base-uncased")
+    classify = pipeline("runs/finetune")               # a fine-tuned model, ready to label texts
+    classify("A gripping, beautifully acted film.")    # {"label": "positive", "score": 0.97, ...}
 """
 
 # checkpoint fills the model classes' from_pretrained / save_pretrained (see CHECKPOINT_IO in model.py).
@@ -14,6 +16,7 @@ from minibert.model import (
     BertForTokenClassification,
     BertModel,
 )
+from minibert.inference import Pipeline, pipeline
 from minibert.tokenizer import load_tokenizer
 
 __all__ = [
@@ -23,5 +26,7 @@ __all__ = [
     "BertForSequenceClassification",
     "BertForTokenClassification",
     "BertModel",
+    "Pipeline",
     "load_tokenizer",
+    "pipeline",
 ]

@@ -178,10 +178,12 @@ class TaskFeatures:
     test: list | None
 
 
-def encode_task(tokenizer, task: TaskData, vocab: LabelVocab | None, max_length: int) -> TaskFeatures:
+def encode_task(tokenizer, task: TaskData, vocab: LabelVocab | None, max_length: int,
+                stride: int | None = None) -> TaskFeatures:
+    """With a stride, sliding windows (encoding.encode_examples): an example longer than max_length is read whole."""
     def encode(examples, source):
         return encode_examples(tokenizer, examples, max_length=max_length, task_type=task.task_type,
-                               label_vocab=vocab, source=source)
+                               label_vocab=vocab, source=source, stride=stride)
 
     test = encode(task.test, "the test data") if task.test else None
     return TaskFeatures(encode(task.train, "the training data"), encode(task.validation, "the validation data"), test)

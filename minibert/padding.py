@@ -64,6 +64,8 @@ class TokenLayout:
         if attention_mask is None:
             return cls(batch_size, seqlen, None)
         mask = attention_mask.bool()
+        if torch.compiler.is_exporting():  # an exported graph (ONNX, for int8 prediction) cannot branch on the
+            return cls(batch_size, seqlen, mask)  # mask's values: the padded layout with the mask fits every mask
         empty = ~mask[:, 0]  # (batch,): a right-padded row that starts with a 0 has no tokens at all
         hole = (~mask[:, :-1] & mask[:, 1:]).any(dim=1)  # (batch,): a 0 before a 1, left padding or a gap
         no_padding, refused = torch.stack((mask.all(), (empty | hole).any())).tolist()  # one read from the device

@@ -163,9 +163,11 @@ def read_record(record: dict, fmt: str, where: str) -> tuple[str, list[Span] | N
 def word_offsets(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
     """For each text, the (start, end) character offsets of the words the tokenizer's pre-tokenizer
     makes (the units that get a tag), from the offsets of their word pieces."""
-    tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: no truncation, no padding
-    tok.no_truncation()
-    tok.no_padding()
+    tok = tokenizer
+    if tok.truncation is not None or tok.padding is not None:  # a copy without them: the caller's keeps its settings
+        tok = Tokenizer.from_str(tokenizer.to_str())
+        tok.no_truncation()
+        tok.no_padding()
     result = []
     for encoding in tok.encode_batch(list(texts), add_special_tokens=False):
         words: dict[int, list[int]] = {}
@@ -256,12 +258,16 @@ def tag_records(records: Sequence[tuple[str, dict]], tokenizer: Tokenizer, schem
     return tagged
 
 
+_BILOU = {"L": "E", "U": "S"}  # BILOU is BIOES with other letters: L(ast) = E(nd), U(nit) = S(ingle)
+
+
 def entity_spans(tags: Sequence[str | None], offsets: Sequence[tuple[int, int]]) -> list[tuple[Span, int, int]]:
     """Entities in a word tag sequence, as (Span with character offsets, first word, last word).
 
     Reads BIO, BIOES, IOB1 and plain tags (PER, LOC) as seqeval does: an entity begins at B- or S-, or
     at an I-/E-/plain tag of another type than the word before; it ends before O, after E- or S-, or
-    where the next one begins. None (a word cut off by --max-length) counts as O.
+    where the next one begins. BILOU's L- reads as E-, U- as S-. None (a word cut off by --max-length)
+    counts as O.
     """
     entities = []
     current = None  # [type, first word, last word]
@@ -274,6 +280,7 @@ def entity_spans(tags: Sequence[str | None], offsets: Sequence[tuple[int, int]])
         prefix, entity = split_tag(tag)
         if entity is None:  # a plain tag
             prefix, entity = "I", tag
+        prefix = _BILOU.get(prefix, prefix)
         if current and (prefix in ("B", "S") or current[0] != entity):
             entities.append(current)
             current = None

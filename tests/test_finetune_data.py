@@ -123,7 +123,7 @@ def test_tuned_thresholds_are_saved_and_used_by_every_prediction(tiny_init_dir, 
                 checked += 1
     assert checked >= 100
     train_finetune.main(["--init", str(tmp_path / "out"), "--predict-only", "--test-file", str(train),
-                         "--output-dir", str(tmp_path / "again")])
+                         "--output-dir", str(tmp_path / "again"), "--precision", "fp32"])
     assert [p["labels"] for p in lines(tmp_path / "again" / "predictions.jsonl")] == [p["labels"] for p in predictions]
     with pytest.raises(ValueError, match="--tune-thresholds picks thresholds on a validation set, and --predict-only has none"):
         train_finetune.main(["--init", str(tmp_path / "out"), "--predict-only", "--test-file", str(train), "--tune-thresholds"])
@@ -184,7 +184,7 @@ def test_spans_in_give_the_same_run_as_conll_and_spans_out(tiny_init_dir, tmp_pa
     for file in (doccano, plain):
         out = tmp_path / f"predict-{file.stem}"
         train_finetune.main(["--init", str(tmp_path / "spans"), "--predict-only", "--test-file", str(file),
-                             "--output-dir", str(out)])
+                             "--output-dir", str(out), "--precision", "fp32"])
         again = lines(out / "predictions.jsonl")
         fmt = "doccano" if file is doccano else "minibert"
         assert [read_record(a, fmt, "x")[1] for a in again] == [read_record(p, "minibert", "x")[1] for p in predicted]
@@ -222,5 +222,6 @@ def test_decoded_tags_are_valid_bio_and_the_crf_is_saved(tiny_init_dir, tmp_path
     hf, info = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     again = tmp_path / "again"
-    train_finetune.main(["--init", str(tmp_path / "out"), "--predict-only", "--test-file", str(data), "--output-dir", str(again)])
+    train_finetune.main(["--init", str(tmp_path / "out"), "--predict-only", "--test-file", str(data), "--output-dir", str(again),
+                         "--precision", "fp32"])
     assert lines(again / "predictions.jsonl") == lines(tmp_path / "out" / "predictions.jsonl")

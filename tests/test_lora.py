@@ -360,7 +360,8 @@ def peft_adapter_for(tiny_init_dir, directory, num_labels=2, seed=5):
 def test_a_peft_adapter_predicts_and_trains_further(tiny_init_dir, tmp_path):
     theirs = peft_adapter_for(tiny_init_dir, tmp_path / "peft")
     texts = write_csv(tmp_path / "texts.csv", [(t, i % 2) for i, t in enumerate(POSITIVE + NEGATIVE)])  # labels: class ids
-    finetune(tiny_init_dir, tmp_path / "predicted", "--lora-adapter", tmp_path / "peft", "--predict-only", "--test-file", texts)
+    finetune(tiny_init_dir, tmp_path / "predicted", "--lora-adapter", tmp_path / "peft", "--predict-only", "--test-file", texts,
+             "--precision", "fp32")
     predictions = [json.loads(line) for line in (tmp_path / "predicted" / "predictions.jsonl").read_text().splitlines()]
     tok = transformers.AutoTokenizer.from_pretrained(tiny_init_dir)
     with torch.no_grad():

@@ -28,12 +28,15 @@ class Features:
                     (token classification); None when unlabelled
     word_ids:       token classification only: (T,) int32, the word's index on its first piece, -1 on
                     other pieces and special tokens; maps predictions back to words, labelled or not
+    document:       the index of the example it was made from: with sliding windows, an example longer
+                    than max_length gives several features in a row (its windows), all with its index
     """
 
     input_ids: np.ndarray
     token_type_ids: np.ndarray
     label: int | float | np.ndarray | None
     word_ids: np.ndarray | None = None
+    document: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -47,12 +50,18 @@ def encode_examples(
     task_type: str,
     label_vocab: LabelVocab | None = None,
     source: str = "the data",
+    stride: int | None = None,
 ) -> list[Features]:
     """Tokenize all examples at once (Rust batch encoding), truncated to max_length tokens.
 
     Pairs are truncated longest-first. Token classification encodes the words as given
     (is_pretokenized) and labels each word's first piece; words past max_length are dropped, with a
     warning. label_vocab is required for labelled class data; source names the data in label errors.
+
+    With a stride (sliding windows), nothing is cut: an example longer than max_length becomes
+    overlapping windows of max_length tokens, neighbours sharing `stride` tokens (the tokenizer's own
+    overflow), each a Features with the example's label and index (`document`). A pair whose two texts
+    are both too long gives every window of the one with every window of the other.
     """
     check_task_type(task_type)
     if not examples:
@@ -71,12 +80,12 @@ def encode_examples(
     if labelled and task_type != "regression" and label_vocab is None:
         raise ValueError(f"{task_type} needs a label_vocab to turn labels into ids")
 
-    tok = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer keeps its settings
-    tok.no_padding()
-    specials = tok.num_special_tokens_to_add(pairs)
+    specials = tokenizer.num_special_tokens_to_add(pairs)
     if max_length <= specials + pairs:
         raise ValueError(f"max_length={max_length} leaves no room for text after {specials} special tokens")
-    tok.enable_truncation(max_length, strategy="longest_first")
+    if stride is not None:
+        check_stride(stride, max_length, specials, pairs)
+    tok = truncating_tokenizer(tokenizer, max_length, stride or 0)
     if token_task:
         encodings = tok.encode_batch([ex.text for ex in examples], is_pretokenized=True)
     elif pairs:
@@ -96,29 +105,37 @@ def encode_examples(
 
     features = []
     truncated = lost_words = 0
-    for ex, enc, label in zip(examples, encodings, labels, strict=True):
+    step = max_length - specials - (stride or 0)  # windows of one text start every `step` tokens
+    for document, (ex, enc, label) in enumerate(zip(examples, encodings, labels, strict=True)):
         truncated += bool(enc.overflowing)
-        word_ids = None
-        if token_task:
-            word_ids, label, kept = _first_pieces(enc.word_ids, label)
-            if enc.overflowing:
-                lost_words += len(ex.text) - kept
-        elif task_type == "multilabel" and label is not None:
+        if task_type == "multilabel" and label is not None:
             multi_hot = np.zeros(len(label_vocab), dtype=np.float32)
             multi_hot[label] = 1.0
             label = multi_hot
-        features.append(
-            Features(np.array(enc.ids, dtype=np.int32), np.array(enc.type_ids, dtype=np.int8), label, word_ids)
-        )
-    if token_task and truncated:
+        windows = [enc, *enc.overflowing] if stride is not None else [enc]
+        for k, window in enumerate(windows):
+            word_ids, window_label = None, label
+            if token_task:
+                # The word of the token just before this window: if the window starts inside it, its
+                # first piece (which carries the tag) lies in the window before.
+                continued = windows[k - 1].word_ids[step] if k > 0 else None
+                word_ids, window_label, kept = _first_pieces(window.word_ids, label, continued)
+                if enc.overflowing and stride is None:
+                    lost_words += len(ex.text) - kept
+            features.append(Features(np.array(window.ids, dtype=np.int32), np.array(window.type_ids, dtype=np.int8),
+                                     window_label, word_ids, document))
+    if stride is not None and truncated:
+        logger.info("minibert: %d of %d examples in %s are longer than max_length=%d tokens: read in %d windows "
+                    "that share %d tokens", truncated, len(examples), source, max_length, len(features), stride)
+    elif token_task and truncated:
         message = (
             "minibert: %d of %d sentences in %s are longer than max_length=%d tokens: their last %d words get no tag "
-            "(not trained on, not evaluated); raise --max-length to keep them"
+            "(not trained on, not evaluated); raise --max-length, or pass --sliding-window, to keep them"
         )
         logger.warning(message, truncated, len(examples), source, max_length, lost_words)
     elif truncated:
-        logger.info("minibert: %d of %d examples in %s were truncated to %d tokens", truncated, len(examples), source,
-                    max_length)
+        logger.info("minibert: %d of %d examples in %s were cut to max_length=%d tokens (--sliding-window reads them "
+                    "whole)", truncated, len(examples), source, max_length)
     unk_id = tok.token_to_id("[UNK]")
     special_ids = {tok.token_to_id(t) for t in SPECIAL_TOKENS if t != "[UNK]"}
     counts = np.bincount(np.concatenate([f.input_ids for f in features]), minlength=tok.get_vocab_size())
@@ -130,15 +147,44 @@ def encode_examples(
     return features
 
 
-def _first_pieces(word_ids: list[int | None], tag_ids: list[int] | None) -> tuple[np.ndarray, np.ndarray | None, int]:
+def check_stride(stride: int, max_length: int, specials: int, pairs: bool = False) -> None:
+    """Sliding windows need room for new text in each window: stride (the tokens neighbouring windows
+    share) must be less than the text tokens a window holds (per text of a pair, as longest-first
+    truncation gives each text at least half)."""
+    room = (max_length - specials) // (2 if pairs else 1)
+    if not 0 <= stride < room:
+        raise ValueError(f"stride {stride} must be at least 0 and less than {room}, the text tokens a window of max_length "
+                         f"{max_length} holds{' per text of a pair' if pairs else ''}: use a smaller stride (--stride) "
+                         "or a larger max_length (--max-length)")
+
+
+def truncating_tokenizer(tokenizer: Tokenizer, max_length: int, stride: int = 0) -> Tokenizer:
+    """The tokenizer as encode_examples uses it: truncating to max_length tokens, longest text first, the
+    overflow in windows sharing `stride` tokens, no padding. A copy, so that the caller's tokenizer keeps
+    its settings; one that is already set up so is returned as it is (copying a 30,000-word tokenizer
+    takes longer than encoding a batch: a caller that encodes again and again, like the pipeline,
+    prepares one once)."""
+    wanted = {"max_length": max_length, "stride": stride, "strategy": "longest_first", "direction": "right"}
+    if tokenizer.truncation == wanted and tokenizer.padding is None:
+        return tokenizer
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.no_padding()
+    tok.enable_truncation(max_length, stride=stride, strategy="longest_first")
+    return tok
+
+
+def _first_pieces(word_ids: list[int | None], tag_ids: list[int] | None,
+                  continued: int | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Per-token word index on each word's first piece (-1 elsewhere), the tag ids aligned to it, and
-    the number of words with a first piece (the others were cut off by truncation)."""
+    the number of words with a first piece (the others were cut off by truncation). `continued`: a
+    word that began before these tokens (a sliding window that starts inside it), so has no first piece here."""
     first = np.full(len(word_ids), -1, dtype=np.int32)
-    previous = None
+    previous = continued
     for position, word in enumerate(word_ids):
         if word is not None and word != previous:
             first[position] = word
-        previous = word
+        if word is not None:
+            previous = word
     is_first = first >= 0
     labels = None
     if tag_ids is not None:
