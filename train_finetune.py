@@ -86,6 +86,7 @@ from minibert.inference import TAG_SCHEME_KEY, THRESHOLDS_KEY
 from minibert.lora import LoraModel, LoraSettings, read_adapter_config, read_adapter_weights
 from minibert.seeds import parse_seeds, run_seeds
 from minibert.metrics import MAIN_METRIC, METRICS
+from minibert.runs import hold_output_dir, remove_earlier_results, resolve_resume
 from minibert.tagging import SCHEMES, detect_scheme
 from minibert.thresholds import tune_thresholds
 from minibert.tokenizer import load_tokenizer
@@ -96,10 +97,7 @@ from minibert.training import (
     TrainState,
     check_attention_backend,
     check_layer_lr_decay,
-    hold_output_dir,
-    remove_earlier_results,
     resolve_precision,
-    resolve_resume,
     seed_everything,
     setup_distributed,
 )

@@ -47,6 +47,7 @@ from minibert.hub import resolve_model_dir
 from minibert.pretraining_data.corpus import CorpusError, CorpusNotFoundError
 from minibert.pretraining_data.dataset import PretrainingDataset, unigram_log_probs
 from minibert.pretraining_data.masking import MaskingCollator
+from minibert.runs import find_checkpoint, hold_output_dir, remove_earlier_results, resolve_resume
 from minibert.segmentation import SEGMENTERS
 from minibert.tokenizer import REQUIRED_SPECIAL_TOKENS, check_special_tokens, load_tokenizer
 from minibert.training import (
@@ -55,11 +56,7 @@ from minibert.training import (
     TrainingSettings,
     TrainState,
     check_attention_backend,
-    find_checkpoint,
-    remove_earlier_results,
-    hold_output_dir,
     resolve_precision,
-    resolve_resume,
     seed_everything,
     setup_distributed,
 )

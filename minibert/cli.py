@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from minibert.config import BertConfig
-from minibert.training import find_checkpoint
+from minibert.runs import find_checkpoint
 
 logger = logging.getLogger("minibert")
 

@@ -11,12 +11,11 @@ What is here and why:
 - Linear warmup, then linear decay to zero (BERT's schedule).
 - Gradient accumulation and clipping; bf16/fp16 autocast; torch.compile on request.
 - DDP when launched with torchrun (gloo on CPU, nccl on GPU): the same script, no extra flag.
-- Checkpoints that resume exactly: model, optimizer, scheduler, every RNG, and the data position, under
-  the settings the run was started with (saved beside them): the same command again continues a killed
-  run, --resume alone restores those settings, and a changed one is an error (resolve_resume).
-- One live run per output folder (hold_output_dir): an OS lock that dies with its process.
+- Checkpoints that resume exactly: model, optimizer, scheduler, every RNG, and the data position, written
+  atomically. What a run's folder holds, resuming under the run's own settings, and the one-live-run lock
+  are minibert.runs'.
 - Per-rank randomness under torchrun: each rank seeds its dropout from (seed, rank), and checkpoints keep
-  every rank's random states; training_state.pt holds tensors and plain values only (weights_only=True).
+  every rank's random states.
 - metrics.jsonl logging (minibert.curves draws it).
 """
 
@@ -24,17 +23,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
-import fcntl
 import json
 import logging
 import os
-import pickle
 import random
-import re
-import shutil
-import socket
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +38,17 @@ from torch import nn
 from minibert import precision as precisions
 from minibert.atomic_write import atomic_write_text
 from minibert.embedding_grad import keep_embedding_gradients
+from minibert.runs import (
+    CHECKPOINT,
+    TRAINING_STATE_FORMAT,
+    absolute_paths,
+    find_checkpoint,
+    read_training_state,
+    remove_checkpoint,
+    remove_temporary_files,
+    rng_state,
+    set_rng_state,
+)
 
 logger = logging.getLogger("minibert")
 
@@ -212,8 +215,6 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
 class Trainer:
     """Owns the model's optimizer, schedule, precision and checkpoints; the scripts own their data loops."""
 
-    CHECKPOINT = "checkpoint"  # DIR/checkpoint/: the latest resumable state
-
     def __init__(self, model: nn.Module, settings: TrainingSettings, total_steps: int, output_dir: str | Path,
                  dist: Distributed | None = None, loss_fn=None):
         """loss_fn(logits, labels) -> loss replaces the model's own loss (class weights, minibert.class_weights):
@@ -285,7 +286,7 @@ class Trainer:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.output_dir / self.CHECKPOINT
+        return self.output_dir / CHECKPOINT
 
     def save_checkpoint(self, state: TrainState, tokenizer=None, run_config: dict | None = None) -> None:
         """Write DIR/checkpoint atomically: into a temporary folder, then swapped in by renames. Every rank
@@ -296,8 +297,8 @@ class Trainer:
             torch_dist.all_gather_object(rng, rng_state())
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.output_dir / f".{self.CHECKPOINT}.tmp"
-            old = self.output_dir / f".{self.CHECKPOINT}.old"
+            tmp = self.output_dir / f".{CHECKPOINT}.tmp"
+            old = self.output_dir / f".{CHECKPOINT}.old"
             remove_checkpoint(tmp)
             self.model.save_pretrained(tmp, tokenizer=tokenizer)
             # Tensors and plain values only, so that resume reads it with weights_only=True: a checkpoint
@@ -326,7 +327,7 @@ class Trainer:
         """At the end of a run, whose results are written: the resumable state, and whatever a killed save
         left behind in the output folder, are no longer needed."""
         if self.dist.is_main:
-            for name in (f".{self.CHECKPOINT}.tmp", f".{self.CHECKPOINT}.old", self.CHECKPOINT):
+            for name in (f".{CHECKPOINT}.tmp", f".{CHECKPOINT}.old", CHECKPOINT):
                 remove_checkpoint(self.output_dir / name)
             remove_temporary_files(self.output_dir)
 
@@ -381,255 +382,12 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
 
-TRAINING_STATE_FORMAT = 2  # 1 (unnumbered): numpy's RNG state object, which needed weights_only=False
-
-
-def read_training_state(checkpoint: Path) -> dict:
-    """checkpoint/training_state.pt, read with weights_only=True: tensors and plain values, never code."""
-    path = checkpoint / "training_state.pt"
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # the weights-only reader met an object it does not build
-        raise ValueError(f"{path} holds Python objects besides tensors and plain values, which minibert does not load "
-                         "(they could run code): it was written by an older minibert, or by someone else; finish that run "
-                         f"with the minibert that started it, or delete {checkpoint} and start again without --resume") from None
-    except Exception as e:
-        raise ValueError(f"cannot read {path} ({e}): delete {checkpoint} and start again without --resume") from None
-    if not isinstance(saved, dict) or saved.get("format") != TRAINING_STATE_FORMAT:
-        raise ValueError(f"{path} is not a training state this minibert wrote (format {TRAINING_STATE_FORMAT}): delete "
-                         f"{checkpoint} and start again without --resume")
-    return saved
-
-
-def find_checkpoint(output_dir: str | Path) -> Path | None:
-    """DIR/checkpoint, or DIR/.checkpoint.old, which survives a kill between save_checkpoint's two renames.
-    A folder is a checkpoint while it holds training_state.pt: it is written last and removed first."""
-    for candidate in (Path(output_dir) / Trainer.CHECKPOINT, Path(output_dir) / f".{Trainer.CHECKPOINT}.old"):
-        if (candidate / "training_state.pt").is_file():
-            return candidate
-    return None
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint folder so that a kill at any moment leaves the whole checkpoint or none:
-    training_state.pt, the file that makes it one, goes first (rmtree's own order is arbitrary)."""
-    (path / "training_state.pt").unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-# Names of the temporary files of atomic writes: ".model.safetensors.x1y2.tmp" (minibert.atomic_write) and ".tmpx1y2" (safetensors' own, inside that). A killed save can leave them behind.
-_TEMPORARY_NAME = re.compile(r"\..+\.tmp|\.tmp\w+")
-
-
-def remove_temporary_files(directory: Path) -> None:
-    for path in directory.iterdir() if directory.is_dir() else ():
-        if path.is_file() and _TEMPORARY_NAME.fullmatch(path.name):
-            path.unlink(missing_ok=True)
-
-
-# Settings a resumed run may change: they say how to run or report, not what is trained.
-RESUME_MAY_CHANGE = frozenset({"resume", "progress", "device", "compile", "eval_batch_size", "eval_steps", "eval_batches",
-                               "save_steps", "early_stopping"})
-
-
-def _comparable(value):
-    """A setting as a resumed run compares it: paths that exist, absolute ("out/x/", "./out/x" and the
-    full path name one folder), so a run resumes from any working directory; anything else as it is."""
-    if isinstance(value, list):
-        return [_comparable(v) for v in value]
-    if isinstance(value, str) and value and Path(value).exists():
-        return str(Path(value).resolve())
-    return value
-
-
-def absolute_paths(run_config: dict) -> dict:
-    """run_config with its existing paths made absolute, as save_checkpoint writes it."""
-    return {k: _comparable(v) if k != "resolved" else v for k, v in run_config.items()}
-
-
-def _saved_settings(checkpoint: Path) -> dict | None:
-    path = checkpoint / "run_config.json"  # None: a checkpoint of an older minibert, nothing to compare with
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _changed_settings(settings, saved: dict, given: frozenset | None) -> list[str]:
-    """The typed settings (all of them when `given` is None) that differ from the run's, as flags."""
-    return [f"--{f.name.replace('_', '-')} {getattr(settings, f.name)} (the run has {saved[f.name]})"
-            for f in dataclasses.fields(settings)
-            if f.name in saved and f.name not in RESUME_MAY_CHANGE and (given is None or f.name in given)
-            and _comparable(getattr(settings, f.name)) != _comparable(saved[f.name])]
-
-
-def settings_to_resume(settings, output_dir: str | Path) -> None:
-    """--resume continues a run as it was started: the settings saved with its checkpoint fill in every flag
-    not typed again, and a typed flag that would change what is trained is an error, not a silent splice
-    (a new --max-steps would bend the schedule; new data would be trained under the old labels)."""
-    output_dir = Path(output_dir)
-    checkpoint = find_checkpoint(output_dir)
-    if checkpoint is None:
-        if (output_dir / "model.safetensors").is_file():
-            raise FileNotFoundError(
-                f"--resume: the run in {output_dir} has finished (a finished run keeps no checkpoint), so there is "
-                f"nothing to continue; to train it further, start a new run with --init {output_dir}")
-        raise FileNotFoundError(
-            f"--resume: no checkpoint in {output_dir} (expected {output_dir / Trainer.CHECKPOINT}/training_state.pt); "
-            "drop --resume to start a new run, or pass the --output-dir of the run to continue")
-    saved = _saved_settings(checkpoint)
-    if saved is None:
-        return
-    given = getattr(settings, "given_flags", None)  # None: settings built in Python, every field was chosen
-    changed = _changed_settings(settings, saved, given)
-    if changed:
-        raise ValueError(f"--resume continues the run in {output_dir} as it was started, but {'; '.join(changed)}: "
-                         "drop those flags to continue it, or start a new run in another --output-dir")
-    for f in dataclasses.fields(settings):  # what was not typed again is the run's own, intervals included
-        typed = given is None or f.name in given
-        if f.name in saved and f.name != "resume" and not (typed and f.name in RESUME_MAY_CHANGE):
-            setattr(settings, f.name, saved[f.name])
-
-
-def resolve_resume(settings) -> None:
-    """Decide whether this run continues the one in --output-dir, and with which settings, so that a new
-    run never mixes with an old one. --resume takes the old run's settings (settings_to_resume). Where a
-    killed run left its checkpoint, the same command again continues it (it sets settings.resume), and a
-    changed one stops with an error rather than throw that work away. Call it holding the folder
-    (hold_output_dir), so that the run it looks at is not a live one."""
-    output_dir = Path(settings.output_dir)
-    if settings.resume:
-        return settings_to_resume(settings, output_dir)
-    checkpoint = find_checkpoint(output_dir)
-    if checkpoint is not None:
-        saved = _saved_settings(checkpoint)
-        changed = ["its settings are unknown"] if saved is None else _changed_settings(settings, saved, None)
-        if changed:
-            raise FileExistsError(
-                f"--output-dir {output_dir} holds an unfinished run, and this one differs ({'; '.join(changed)}): "
-                f"add --resume to continue that run, choose another --output-dir, or delete {checkpoint} to start over")
-        logging.getLogger("minibert").info(
-            "minibert: continuing the unfinished run in %s, started with these settings (delete %s to start over)",
-            output_dir, checkpoint)
-        settings.resume = True
-
-
-# ----------------------------------------------------------------------------- one live run per output folder
-
-RUN_LOCK = ".minibert-run.lock"  # DIR/.minibert-run.lock: held by the live run's rank 0, names its pid and host
-
-
-class OutputDirInUse(FileExistsError):
-    """Another live run holds --output-dir (run_cli prints it as one line, like every input error)."""
-
-
-@contextlib.contextmanager
-def hold_output_dir(output_dir: str | Path, dist: Distributed):
-    """Run the body as the only live run in output_dir: rank 0 holds an exclusive flock(2) on
-    DIR/.minibert-run.lock, which the kernel releases when the process ends however it ends (kill -9
-    leaves no stale lock to clean up), and the other ranks of the same run share rank 0's answer. A
-    second run there, of either script, stops at once with the live run's pid and host. Take it before
-    anything is read or written. A folder made for a run that then stopped on bad input is removed
-    again, so such a run leaves nothing behind."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"--output-dir {output_dir} is a file: give a folder (it is created if missing)")
-    created = not output_dir.exists()
-    lock, answer = None, [None]  # rank 0's reason to stop, if any: (kind, message)
-    if dist.is_main:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lock, owner = _lock_run(output_dir / RUN_LOCK)
-            if owner is not None:
-                answer = [("in use", f"--output-dir {output_dir} is in use by a live run ({owner}): wait for it to end, "
-                                     "stop it, or choose another --output-dir")]
-        except OSError as e:  # a folder this user cannot write, a read-only file system
-            answer = [("unwritable", f"--output-dir {output_dir} cannot be written ({e.strerror}): choose a folder you "
-                                     "can write to")]
-    if dist.enabled:  # the other ranks learn rank 0's answer, so that every rank stops or none does
-        torch_dist.broadcast_object_list(answer)
-    if answer[0] is not None:
-        kind, message = answer[0]
-        raise OutputDirInUse(message) if kind == "in use" else ValueError(message)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            (output_dir / RUN_LOCK).unlink(missing_ok=True)  # while still held: see _lock_run
-            lock.close()
-            if created and not any(output_dir.iterdir()):
-                output_dir.rmdir()
-
-
-def _lock_run(path: Path):
-    """(the open, locked file, None), or (None, "pid N on host H, script") when a live run holds it."""
-    while True:
-        f = open(path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "a run that is starting"
-            f.close()
-            return None, owner
-        # The run that held it may have removed the file between our open and its release: then this lock is
-        # on a file nobody else can find, and the next run would lock a new one. Lock the file at `path`.
-        try:
-            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on host {socket.gethostname()}, {Path(sys.argv[0]).name}\n")
-            f.flush()
-            return f, None
-        f.close()
-
-
-# What a finished run of either script leaves in --output-dir besides the model (which a new run overwrites):
-# a new run there, fine-tuning or pretraining, removes all of them first.
-RUN_RESULT_FILES = ("eval_results.json", "test_results.json", "train_results.json", "predictions.jsonl",
-                    "metrics.jsonl", "training_curves.png", "finetune_config.json", "pretrain_config.json",
-                    "adapter/adapter_config.json", "adapter/adapter_model.safetensors",  # a LoRA run's adapter
-                    "reliability.png", "seeds_results.json", "explanations.html")
-
-
-def remove_earlier_results(output_dir: str | Path) -> None:
-    """A new run in the folder of a finished one removes that run's result files once its own input has
-    passed every check, so that none of them can be taken for the new run's."""
-    stale = [Path(output_dir) / name for name in RUN_RESULT_FILES if (Path(output_dir) / name).is_file()]
-    for path in stale:
-        path.unlink()
-    if stale:
-        logging.getLogger("minibert").info("minibert: replacing the earlier run in %s", output_dir)
-
-
 def check_attention_backend(attn_impl: str | None, device: torch.device) -> None:
     """--attn-impl triton where it cannot run fails now, not at the first forward pass after data loading."""
     if attn_impl == "triton" and not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         from minibert.kernels import NO_DEVICE_MESSAGE
 
         raise ValueError(f"--attn-impl triton: {NO_DEVICE_MESSAGE}")
-
-
-def rng_state() -> dict:
-    """This process's random generators as tensors and plain values, which torch.load reads with
-    weights_only=True (numpy's own state object is an array that only a full unpickler rebuilds)."""
-    numpy = np.random.get_state(legacy=False)
-    return {
-        "python": random.getstate(),  # (version, a tuple of 625 ints, gauss_next)
-        "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)), "pos": numpy["state"]["pos"],
-                  "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    numpy = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]},
-                         "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Throughput:

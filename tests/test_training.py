@@ -176,16 +176,16 @@ def test_a_kill_while_a_checkpoint_is_removed_leaves_all_of_it_or_none(tmp_path,
     weights, which the next run took for a checkpoint and could not read. The marker now goes first."""
     import shutil
 
-    from minibert import training
+    from minibert import runs
 
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     for name in ("model.safetensors", "config.json", "training_state.pt"):
         (checkpoint / name).write_text("x")
-    assert training.find_checkpoint(tmp_path) == checkpoint
+    assert runs.find_checkpoint(tmp_path) == checkpoint
     monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # killed right after the first unlink
-    training.remove_checkpoint(checkpoint)
-    assert training.find_checkpoint(tmp_path) is None and (checkpoint / "model.safetensors").exists()
+    runs.remove_checkpoint(checkpoint)
+    assert runs.find_checkpoint(tmp_path) is None and (checkpoint / "model.safetensors").exists()
 
 
 def test_a_finished_run_leaves_no_checkpoint_or_temporary_files(tmp_path):
@@ -256,7 +256,7 @@ def test_every_random_generator_is_restored_from_tensors_and_plain_values():
 
     import numpy as np
 
-    from minibert.training import rng_state, set_rng_state
+    from minibert.runs import rng_state, set_rng_state
 
     random.random(), np.random.normal(), torch.rand(1)  # numpy now holds a cached Gaussian, part of its state
     state = rng_state()
@@ -292,7 +292,8 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_and_a_killed_run_leaves_n
     import sys
     from pathlib import Path
 
-    from minibert.training import Distributed, hold_output_dir
+    from minibert.runs import hold_output_dir
+    from minibert.training import Distributed
 
     out = tmp_path / "out"
     with hold_output_dir(out, Distributed()):
@@ -307,7 +308,7 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_and_a_killed_run_leaves_n
 
     # kill -9 leaves no stale lock: the kernel releases it with the process.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from minibert.training import Distributed, hold_output_dir\n"
+        [sys.executable, "-c", "import sys, time; from minibert.runs import hold_output_dir; from minibert.training import Distributed\n"
          "with hold_output_dir(sys.argv[1], Distributed()):\n    print('held', flush=True); time.sleep(300)", str(out)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     try:
@@ -323,7 +324,8 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_and_a_killed_run_leaves_n
 
 
 def test_a_folder_made_for_a_run_that_stops_on_bad_input_is_removed(tmp_path):
-    from minibert.training import Distributed, hold_output_dir
+    from minibert.runs import hold_output_dir
+    from minibert.training import Distributed
 
     with pytest.raises(ValueError, match="bad input"):
         with hold_output_dir(tmp_path / "new" / "out", Distributed()):
