@@ -25,7 +25,7 @@ valid sequences, tag_scheme, and a CRF's transitions, crf.safetensors).
 Long texts: with sliding_window=True a text longer than max_length is read whole, in overlapping
 windows; its result averages the windows' logits, and a word takes its tag from the window in which it
 sits farthest from a cut edge. Precision: "auto" runs bf16 where the CPU (or GPU) multiplies bf16
-natively, fp32 elsewhere (minibert.precision decides and says why); "int8" runs ONNX Runtime's dynamic
+faster than fp32 (AMX), fp32 elsewhere (minibert.precision decides and says why); "int8" runs ONNX Runtime's dynamic
 int8 quantization of the exported model, for CPUs without native bf16.
 
 The steps, each also what train_finetune.py runs for its evaluation, predictions.jsonl and
@@ -42,6 +42,7 @@ The steps, each also what train_finetune.py runs for its evaluation, predictions
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -58,6 +59,7 @@ import torch
 from tokenizers import Tokenizer
 
 from minibert import assets, calibration
+from minibert.attributions import DEFAULT_STEPS, explain_records
 from minibert.config import IGNORE_INDEX, BertConfig
 from minibert.crf import CRF_FILE, BertCRFForTokenClassification
 from minibert.data.batching import collate, eval_batches, in_original_order
@@ -384,23 +386,39 @@ class Pipeline:
         self.tokenizer.no_padding()
         self.encoder = truncating_tokenizer(tokenizer, max_length, stride or 0)  # prepared once: every call reuses it
         self.pad_token_id = tokenizer.token_to_id("[PAD]")
+        self._float_model = None  # the fp32 model attributions take gradients through (explanations)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, {self.task.task_type}, precision={self.precision.name})"
 
     def __call__(self, inputs, *, batch_size: int | None = None, progress: bool | None = None,
-                 is_split_into_words: bool = False):
+                 is_split_into_words: bool = False, explain: bool = False, explain_target: str | None = None,
+                 explain_steps: int = DEFAULT_STEPS):
         """Results for a text, a (text, text_pair) tuple, or a list of them (a list of results, in
         order). A token classifier also takes words: a list of words with is_split_into_words=True
-        (a list of such lists for several sentences)."""
+        (a list of such lists for several sentences).
+
+        explain: each result also says which words moved it (minibert.attributions: integrated gradients
+        on the word embeddings, in fp32): "attributions", [{"word", "start", "end", "attribution"}] with
+        character offsets into the input (for a list of words, into the words joined by spaces), what
+        they explain ("explains", "explained_score": the calibrated probability of the predicted label,
+        or of explain_target; a regression's value) and the "completeness" check. A token classifier
+        explains each entity. explain_steps: integration points to start from (raised until complete)."""
         single = _is_single(inputs, is_split_into_words)
         examples = self.examples([inputs] if single else list(inputs), is_split_into_words)
         if not examples:
             return []
+        if explain:
+            self._check_explainable(explain_target)
+        elif explain_target is not None:
+            raise ValueError("explain_target names the label whose probability is explained: pass explain=True with it")
         show = progress if progress is not None else self.progress
-        outputs = self.outputs(examples, batch_size=batch_size,
+        features = self.encode(examples)
+        outputs = self.outputs(examples, features, batch_size=batch_size,
                                progress=len(examples) >= PROGRESS_FROM if show is None else show)
         answers = results(self.task, examples, outputs)
+        if explain:
+            answers = self.explanations(examples, features, answers, target=explain_target, steps=explain_steps)
         if self.task.task_type == "token-classification" and not is_split_into_words:
             answers = [answer["entities"] for answer in answers]  # a text's entities, in its characters
         return answers[0] if single else answers
@@ -435,6 +453,45 @@ class Pipeline:
         return predict_documents(self.model, features, examples, self.task.task_type,
                                  batch_size=batch_size or self.batch_size, pad_token_id=self.pad_token_id,
                                  device=self.device, precision=self.precision.name, progress=progress)
+
+    def explanations(self, examples: Sequence[Example], features: Sequence[Features], answers: Sequence[dict], *,
+                     target: str | None = None, steps: int = DEFAULT_STEPS) -> list[dict]:
+        """The answers (results()) with their word attributions (see __call__). Integrated gradients needs
+        fp32 gradients: a bf16/fp16 pipeline explains an fp32 copy of its model, made once, which holds
+        the weights it predicts with (rounded to bf16 when it was loaded), so it explains the model that
+        answered; the fp32 model's own attributions differ from those by that rounding."""
+        long = sorted({f.document for f in features if f.document is not None and
+                       sum(g.document == f.document for g in features) > 1})
+        if long:
+            raise ValueError(f"input {long[0] + 1} is longer than max_length={self.max_length} tokens and was read in "
+                             "windows, and attributions explain one reading of a text: call with explain=True on a "
+                             "pipeline without sliding_window (it reads the first max_length tokens)")
+        if self._float_model is None:
+            self._float_model = (self.model if self.precision.name == "fp32"
+                                 else copy.deepcopy(self.model).float()).eval()
+        tags = [answer["tags"] for answer in answers] if self.task.task_type == "token-classification" else None
+        explained, _ = explain_records(self._float_model, self.tokenizer, self.task.task_type, self.task.labels, examples,
+                                       answers, tags=tags, temperature=self.task.temperature, target=target,
+                                       steps=steps, max_length=self.max_length, device=self.device)
+        if self.task.task_type != "token-classification":
+            return explained
+        # Each entity as results() gave it (with its score), plus its explanation; the same entity_spans made both.
+        return [{"tags": answer["tags"],
+                 "entities": [{**entity, **{k: v for k, v in why.items() if k not in entity}}
+                              for entity, why in zip(answer["entities"], record["explanations"]["entities"])]}
+                for answer, record in zip(answers, explained)]
+
+    def _check_explainable(self, target: str | None) -> None:
+        if self.precision.name == "int8":
+            raise ValueError("explain=True takes gradients through the torch model, and precision int8 runs ONNX Runtime: "
+                             "use precision='fp32' (or 'bf16') to explain")
+        if target is not None and self.task.task_type not in ("classification", "multilabel"):
+            what = "its value" if self.task.task_type == "regression" else "each entity"
+            raise ValueError(f"explain_target names a label to explain, and a {self.task.task_type} model explains "
+                             f"{what}: leave explain_target out")
+        if target is not None and target not in self.task.labels:
+            raise ValueError(f"explain_target {target!r} is not a label of {self.name}: choose one of "
+                             f"{', '.join(self.task.labels)}")
 
     def _check_pairs(self, pairs: bool, where: str) -> None:
         if pairs and self.task.task_type == "token-classification":
@@ -491,7 +548,7 @@ def pipeline(model: str | os.PathLike, *, precision: str = "auto", device: str |
              config_overrides: dict | None = None) -> Pipeline:
     """A fine-tuned BERT, ready to label texts: a directory minibert or transformers wrote, or a hub id.
 
-    precision: "auto" (bf16 where the device multiplies it natively, else fp32), "fp32", "bf16", "int8"
+    precision: "auto" (bf16 where the device multiplies it faster than fp32, else fp32), "fp32", "bf16", "int8"
         (CPU, through ONNX Runtime; for CPUs without native bf16), or "fp16" (CUDA); the choice and its
         reason are logged.
     device: "cpu", "cuda", ...; default the GPU if there is one.

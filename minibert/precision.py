@@ -7,14 +7,17 @@
 The formats:
     fp32  full precision; the reference the others are measured against.
     bf16  bfloat16 matrix multiplies under torch.autocast (LayerNorm, softmax and the loss stay fp32).
-          Fast where the hardware multiplies bf16 natively: CUDA GPUs from Ampere on, and CPUs with AMX
-          tiles or AVX512-BF16 (Intel Xeon from Cooper Lake / Sapphire Rapids, AMD Zen 4). Elsewhere
-          torch emulates it, slower than fp32.
+          Fast where the hardware multiplies bf16 matrices natively: CUDA GPUs from Ampere on, and CPUs
+          with AMX tiles (Intel Xeon from Sapphire Rapids on). AVX512-BF16 alone (Cooper Lake, some
+          Xeons without AMX, AMD Zen 4) is native but no faster: on such a Xeon, torch 2.13's oneDNN ran
+          2048x2048 bf16 matmuls at about 160 GFLOP/s against fp32's 280 (2 threads). Without either,
+          torch emulates bf16, slower still.
     fp16  float16 under autocast, CUDA only (training also needs loss scaling, which the Trainer adds).
     int8  prediction only, on the CPU: 8-bit weights and activations for the matrix multiplies (ONNX
           Runtime's dynamic quantization, minibert/inference.py). For CPUs without native bf16.
 
-"auto" picks bf16 where the device multiplies it natively and fp32 elsewhere, and says which and why.
+"auto" picks bf16 where the device multiplies it faster than fp32 (a GPU with bf16 tensor cores, a CPU
+with AMX) and fp32 elsewhere, and says which and why.
 Training passes cpu_auto_bf16 (minibert.training.CPU_AUTO_BF16): whether its auto takes bf16 on the CPU.
 """
 
@@ -43,7 +46,8 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
-def _native_bf16(device: torch.device) -> tuple[bool, str]:
+def _bf16_pays(device: torch.device) -> tuple[bool, str]:
+    """Whether bf16 matrix products run faster than fp32 on `device`, and why (a log line's words)."""
     if device.type == "cuda" and not torch.cuda.is_available():
         return False, "no CUDA GPU is visible"
     if device.type == "cuda":
@@ -52,9 +56,10 @@ def _native_bf16(device: torch.device) -> tuple[bool, str]:
         return False, f"the GPU ({torch.cuda.get_device_name(device)}) has no native bf16"
     if device.type == "cpu":
         if torch.cpu._is_amx_tile_supported():
-            return True, "this CPU has AMX tiles, which multiply bf16 matrices natively"
+            return True, "this CPU has AMX tiles, which multiply bf16 matrices several times faster than fp32"
         if torch.cpu._is_avx512_bf16_supported():
-            return True, "this CPU has AVX512-BF16, which multiplies bf16 natively"
+            # native, but measured slower than fp32 (the module docstring): only AMX makes bf16 pay on a CPU
+            return False, "this CPU has AVX512-BF16 but no AMX, and multiplies bf16 matrices no faster than fp32"
         return False, "this CPU has neither AMX nor AVX512-BF16, so bf16 would be emulated (slower than fp32)"
     return False, f"bf16 speed on {device.type} is unknown"
 
@@ -63,18 +68,18 @@ def resolve_precision(requested: str, device: torch.device, *, choices: tuple[st
                       cpu_auto_bf16: bool = True) -> Precision:
     """A concrete precision for `requested` ("auto" or one of `choices`) on `device`, with the reason.
 
-    "auto" is bf16 where the device multiplies bf16 natively (a GPU with bf16 tensor cores; with
-    cpu_auto_bf16, a CPU with AMX or AVX512-BF16), else fp32. Training passes its CPU_AUTO_BF16 (False:
+    "auto" is bf16 where the device multiplies bf16 faster than fp32 (a GPU with bf16 tensor cores; with
+    cpu_auto_bf16, a CPU with AMX), else fp32. Training passes its CPU_AUTO_BF16 (False:
     bf16 fine-tuning on the CPU has not been shown to keep fp32's accuracy yet), while bf16 prediction
     agrees with fp32 on over 98% of examples (tests/test_inference.py). A precision the device cannot
     run is a one-line error that names the one to use."""
     if requested not in ("auto", *choices):
         raise ValueError(f"precision {requested!r} is unknown; choose auto or one of {', '.join(choices)}")
     if requested == "auto":
-        native, why = _native_bf16(device)
+        faster, why = _bf16_pays(device)
         if device.type == "cpu" and not cpu_auto_bf16:
             return Precision("fp32", "auto: fp32 for training on the CPU (bf16 training is not the CPU default yet)")
-        return Precision("bf16", f"auto: {why}") if native else Precision("fp32", f"auto: fp32, as {why}")
+        return Precision("bf16", f"auto: {why}") if faster else Precision("fp32", f"auto: fp32, as {why}")
     if requested == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
     if requested == "int8" and device.type != "cpu":

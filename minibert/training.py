@@ -52,7 +52,7 @@ from minibert.runs import (
 
 logger = logging.getLogger("minibert")
 
-# Whether "auto" trains in bf16 on a CPU that multiplies bf16 natively (AMX, AVX512-BF16), as prediction's
+# Whether "auto" trains in bf16 on a CPU that multiplies bf16 faster than fp32 (AMX), as prediction's
 # auto does. Off: bf16 fine-tuning on the CPU has not been shown to keep fp32's accuracy over 3 seeds of the
 # built-in task (benchmarks/README.md, "bf16 on the CPU", has what was measured).
 CPU_AUTO_BF16 = False
@@ -69,7 +69,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto" and device.type == "cpu" and not CPU_AUTO_BF16:  # say what the hardware would give
         hardware = precisions.resolve_precision("auto", device, choices=TRAINING_PRECISIONS, cpu_auto_bf16=True)
         reason = hardware.reason if hardware.name == "fp32" else \
-            f"{reason}; this CPU multiplies bf16 natively, and --precision bf16 trains in it"
+            f"{reason}; this CPU multiplies bf16 faster (AMX), and --precision bf16 trains in it"
     logger.info("minibert: training in %s (%s)", chosen.name, reason)
     if chosen.name == "bf16" and device.type == "cpu" and not precisions.cpu_has_native_bf16():
         logger.warning("minibert: --precision bf16 on a CPU without AMX or AVX512-BF16: torch emulates bf16 matrix "

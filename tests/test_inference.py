@@ -284,12 +284,14 @@ def test_a_long_text_is_the_average_of_its_windows_logits(tmp_path, tiny_init_di
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, chosen, reason", [
-    (True, False, "bf16", "AMX"), (False, True, "bf16", "AVX512-BF16"), (False, False, "fp32", "neither AMX nor AVX512-BF16")])
-def test_auto_precision_is_bf16_where_the_cpu_multiplies_it_natively_and_says_why(
+    (True, False, "bf16", "AMX"), (False, True, "fp32", "AVX512-BF16 but no AMX"),
+    (False, False, "fp32", "neither AMX nor AVX512-BF16")])
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_it_faster_and_says_why(
         tmp_path, tiny_init_dir, monkeypatch, caplog, amx, avx512_bf16, chosen, reason):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    assert minibert.precision.cpu_has_native_bf16() == (chosen == "bf16")
+    # AVX512-BF16 is native (no emulation warning) but no faster than fp32, so auto leaves it for fp32
+    assert minibert.precision.cpu_has_native_bf16() == (amx or avx512_bf16)
     directory = tiny_classifier_dir(tmp_path, tiny_init_dir, num_labels=2)
     with caplog.at_level(logging.INFO, logger="minibert"):
         pipe = minibert.pipeline(directory, device="cpu")
@@ -558,3 +560,140 @@ def test_window_and_precision_flags_are_checked_before_training(tiny_init_dir, t
         train_finetune.main(["--init", str(tiny_init_dir), "--train-file", str(data), "--output-dir", str(tmp_path / "out"),
                              "--no-progress", *flags])
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- explain=True: word attributions
+
+
+def captum_word_attributions(directory, text, label_index, temperature, steps=50):
+    """Integrated gradients computed apart from minibert: captum on transformers' own model and tokenizer,
+    the [PAD] baseline at every non-special token, word pieces summed by the tokenizer's word ids."""
+    from captum.attr import LayerIntegratedGradients
+
+    model = transformers.BertForSequenceClassification.from_pretrained(directory).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    enc = tokenizer(text, return_tensors="pt", return_offsets_mapping=True, return_special_tokens_mask=True)
+    baseline = torch.where(enc["special_tokens_mask"].bool(), enc["input_ids"], tokenizer.pad_token_id)
+
+    def probability(ids):
+        return torch.softmax(model(input_ids=ids).logits / temperature, dim=-1)[:, label_index]
+
+    ig = LayerIntegratedGradients(probability, model.bert.embeddings.word_embeddings)
+    per_token = ig.attribute(enc["input_ids"], baselines=baseline, n_steps=steps).sum(-1)[0].double()
+    words: dict[int, list] = {}
+    for value, word, (start, end) in zip(per_token.tolist(), enc.word_ids(), enc["offset_mapping"][0].tolist()):
+        if word is not None:
+            entry = words.setdefault(word, [start, end, 0.0])
+            entry[1], entry[2] = end, entry[2] + value
+    with torch.no_grad():
+        change = float(probability(enc["input_ids"]) - probability(baseline))
+    return [(text[a:b], a, b, v) for a, b, v in words.values()], change
+
+
+def test_explain_gives_each_word_the_integrated_gradients_captum_gives_transformers(tmp_path, tiny_init_dir):
+    labels = ["negative", "positive"]
+    directory = with_config(tiny_classifier_dir(tmp_path, tiny_init_dir, num_labels=2, id2label=dict(enumerate(labels))),
+                            calibration_temperature=1.7)
+    text = "A gripping, beautifully acted film."
+    clf = minibert.pipeline(directory, precision="fp32")
+    plain = clf(text)
+    result = clf(text, explain=True)
+    assert {k: result[k] for k in plain} == plain  # the prediction itself is unchanged
+    label = labels.index(result["label"])
+    assert result["explains"] == f"probability of {result['label']!r}"
+    assert result["explained_score"] == pytest.approx(result["probabilities"][result["label"]], abs=1e-5)  # calibrated
+    expected, change = captum_word_attributions(directory, text, label, temperature=1.7)
+    got = [(w["word"], w["start"], w["end"], w["attribution"]) for w in result["attributions"]]
+    assert [g[:3] for g in got] == [e[:3] for e in expected] and all(text[a:b] == w for w, a, b, _ in got)
+    assert [g[3] for g in got] == pytest.approx([e[3] for e in expected], abs=1e-5)
+    assert result["completeness"]["score_change"] == pytest.approx(change, abs=1e-5)
+    assert result["completeness"]["within_tolerance"]
+    # a named label is explained instead of the predicted one, in a list call
+    other = labels[1 - label]
+    [named] = clf([text], explain=True, explain_target=other)
+    expected_other, _ = captum_word_attributions(directory, text, 1 - label, temperature=1.7)
+    assert named["explains"] == f"probability of {other!r}"
+    assert [w["attribution"] for w in named["attributions"]] == pytest.approx([e[3] for e in expected_other], abs=1e-5)
+
+
+def test_a_bf16_pipeline_explains_its_own_weights_in_fp32_and_keeps_predicting_in_bf16(tmp_path, tiny_init_dir):
+    directory = tiny_classifier_dir(tmp_path, tiny_init_dir, num_labels=2)
+    rounded = minibert.pipeline(directory, precision="fp32")
+    for module in rounded.model.modules():  # the weights the bf16 pipeline predicts with, as fp32 numbers
+        if isinstance(module, nn.Linear):
+            module.weight.data = module.weight.data.bfloat16().float()
+            module.bias.data = module.bias.data.bfloat16().float()
+    expected = rounded(TEXTS, explain=True)
+    pipe = minibert.pipeline(directory, precision="bf16")
+    before = pipe(TEXTS)
+    bf16 = pipe(TEXTS, explain=True)
+    for a, b in zip(expected, bf16):
+        assert [w["attribution"] for w in b["attributions"]] == pytest.approx([w["attribution"] for w in a["attributions"]],
+                                                                              abs=1e-7)
+    assert pipe(TEXTS) == before and next(pipe.model.parameters()).dtype == torch.float32  # LayerNorm: still fp32
+    assert any(m.weight.dtype == torch.bfloat16 for m in pipe.model.modules() if isinstance(m, nn.Linear))
+
+
+def test_explain_for_regression_and_the_bad_targets(tmp_path, tiny_init_dir):
+    regression = minibert.pipeline(tiny_classifier_dir(tmp_path, tiny_init_dir, num_labels=1, problem_type="regression"),
+                                   precision="fp32")
+    result = regression("A gripping film.", explain=True)
+    assert result["explains"].startswith("predicted value") and result["explained_score"] == pytest.approx(result["value"], abs=1e-5)
+    assert sum(w["attribution"] for w in result["attributions"]) == pytest.approx(result["completeness"]["score_change"], rel=0.05)
+    with pytest.raises(ValueError, match="explain_target names a label.*leave explain_target out"):
+        regression("A gripping film.", explain=True, explain_target="positive")
+    clf = minibert.pipeline(tiny_classifier_dir(tmp_path, tiny_init_dir, num_labels=2), precision="fp32")
+    with pytest.raises(ValueError, match="is not a label of"):
+        clf("A gripping film.", explain=True, explain_target="nope")
+    with pytest.raises(ValueError, match="pass explain=True with it"):
+        clf("A gripping film.", explain_target="LABEL_0")
+
+
+def test_a_tagger_explains_each_entity_as_captum_explains_its_score_on_transformers(tmp_path, tiny_init_dir):
+    from captum.attr import LayerIntegratedGradients
+
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    directory = tiny_classifier_dir(tmp_path, tiny_init_dir, kind="token", num_labels=5, id2label=dict(enumerate(labels)))
+    ner = minibert.pipeline(directory, precision="fp32")
+    text = "Jim Henson met Xavierovich in New York"
+    plain = ner(text)
+    explained = ner(text, explain=True)
+    assert plain and [{k: e[k] for k in p} for e, p in zip(explained, plain)] == plain  # the entities, unchanged
+    words = ner(text.split(), is_split_into_words=True)
+    model = transformers.BertForTokenClassification.from_pretrained(directory).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    enc = tokenizer(text, return_tensors="pt", return_offsets_mapping=True, return_special_tokens_mask=True)
+    baseline = torch.where(enc["special_tokens_mask"].bool(), enc["input_ids"], tokenizer.pad_token_id)
+    first_piece = {}  # word index -> its first token
+    for position, word in enumerate(enc.word_ids()):
+        if word is not None:
+            first_piece.setdefault(word, position)
+    for entity, by_words in zip(explained, words["entities"]):
+        assert entity["explains"] == f"score of {entity['entity']} {entity['text']!r}"
+        span = range(by_words["start"], by_words["end"])  # the entity's words
+        positions = torch.tensor([first_piece[w] for w in span])
+        tags = torch.tensor([labels.index(words["tags"][w]) for w in span])
+
+        def score(ids):
+            probs = torch.softmax(model(input_ids=ids).logits[:, positions], dim=-1)
+            return probs[:, torch.arange(len(span)), tags].mean(-1)
+
+        per_token = LayerIntegratedGradients(score, model.bert.embeddings.word_embeddings).attribute(
+            enc["input_ids"], baselines=baseline, n_steps=entity["completeness"]["steps"]).sum(-1)[0]
+        per_word = [0.0] * len(text.split())
+        for value, word in zip(per_token.tolist(), enc.word_ids()):
+            if word is not None:
+                per_word[word] += value
+        assert [w["word"] for w in entity["attributions"]] == text.split()
+        assert all(text[w["start"]:w["end"]] == w["word"] for w in entity["attributions"])
+        assert [w["attribution"] for w in entity["attributions"]] == pytest.approx(per_word, abs=1e-5)
+        assert entity["explained_score"] == pytest.approx(entity["score"], abs=1e-5)  # the entity's own score
+
+
+def test_explain_refuses_what_it_cannot_explain_faithfully(tmp_path, tiny_init_dir):
+    directory = tiny_classifier_dir(tmp_path, tiny_init_dir, num_labels=2)
+    windows = minibert.pipeline(directory, precision="fp32", max_length=16, sliding_window=True, stride=4)
+    long_text = "a gripping film " * 20
+    windows("short text", explain=True)  # one window: fine
+    with pytest.raises(ValueError, match=r"input 2 is longer than max_length=16 tokens and was read in windows"):
+        windows(["short text", long_text], explain=True)

@@ -420,13 +420,15 @@ def test_training_auto_on_the_cpu_is_fp32_and_the_log_says_why(monkeypatch, capl
     chosen, records = precision_log(caplog, "auto")
     [(level, line)] = records
     assert chosen == "fp32" and level == "INFO" and line.startswith("minibert: training in fp32 (auto: fp32")
-    # a CPU that has native bf16 is told how to use it; one that has none is told why it gets fp32 anyway
-    assert ("--precision bf16 trains in it" in line) == (amx or avx512_bf16)
+    # a CPU with AMX is told how to use it; one without is told why bf16 would not pay
+    assert ("--precision bf16 trains in it" in line) == amx
     assert ("neither AMX nor AVX512-BF16" in line) == (not (amx or avx512_bf16))
+    assert ("AVX512-BF16 but no AMX" in line) == (avx512_bf16 and not amx)
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, chosen, reason", [
-    (True, False, "bf16", "AMX"), (False, True, "bf16", "AVX512-BF16"), (False, False, "fp32", "neither AMX nor AVX512-BF16")])
+    (True, False, "bf16", "AMX"), (False, True, "fp32", "AVX512-BF16 but no AMX"),
+    (False, False, "fp32", "neither AMX nor AVX512-BF16")])
 def test_with_the_switch_on_auto_trains_in_bf16_exactly_where_the_cpu_has_it(monkeypatch, caplog, amx, avx512_bf16,
                                                                              chosen, reason):
     native_bf16(monkeypatch, amx, avx512_bf16)
