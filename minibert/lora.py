@@ -282,6 +282,9 @@ class LoraModel(nn.Module):
         settings = {f.name: getattr(config, f.name) for f in fields(BertConfig) if f.name != "extra"}
         model = TASK_TYPES[adapter["task_type"]].from_pretrained(
             adapter["base_model_name_or_path"], reinit_head=True, verbose=verbose, **settings)
+        # And what the run kept beside the fields (tag_scheme, calibration_temperature, label_thresholds): the
+        # base's config has none of it, and without tag_scheme a tagger would decode without its BIO rules.
+        model.config.extra = dict(config.extra)
         return cls.from_adapter(model, directory / "adapter")
 
     @classmethod

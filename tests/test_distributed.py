@@ -160,11 +160,15 @@ def test_pretrain_under_torchrun(tiny_init_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_finetune_two_processes_equal_one_process_with_the_same_global_batch(tiny_init_dir, tmp_path):
+@pytest.mark.parametrize("method, flags", [
+    ("full", ["--lr", "1e-2"]),
+    ("lora", ["--lr", "5e-2", "--lora-rank", 4, "--lora-targets", "query,value,down", "--lora-dropout", 0]),
+])
+def test_finetune_two_processes_equal_one_process_with_the_same_global_batch(tiny_init_dir, tmp_path, method, flags):
     """torchrun with 2 processes of 4 examples against one process taking 2 accumulation steps of 4: with
     8 training examples each step takes all of them (one global batch an epoch), so which rank holds which
-    example does not matter, and the two runs must agree in losses, evaluations and weights. Dropout is
-    off: each rank draws its own masks, by design."""
+    example does not matter, and the two runs must agree in losses, evaluations and weights (a LoRA run's
+    merged model and its adapter). Dropout is off, LoRA's too: each rank draws its own masks, by design."""
     import torch
     from safetensors.torch import load_file
 
@@ -173,7 +177,7 @@ def test_finetune_two_processes_equal_one_process_with_the_same_global_batch(tin
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in rows))
     data = tmp_path / "train.csv"
     args = ["--init", tiny_init_dir, "--train-file", data, "--validation-file", data, "--batch-size", 4, "--epochs", 3,
-            "--lr", "1e-2", "--warmup-ratio", 0, "--dropout", 0, "--precision", "fp32", "--no-progress"]
+            "--warmup-ratio", 0, "--dropout", 0, "--precision", "fp32", "--no-progress", *flags]
     train_finetune.main([*map(str, args), "--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
     run([*TORCHRUN, str(ROOT / "train_finetune.py"), *map(str, args), "--output-dir", str(tmp_path / "two")])
 
@@ -184,9 +188,21 @@ def test_finetune_two_processes_equal_one_process_with_the_same_global_batch(tin
     assert [r["step"] for r in logged(two, "train")] == [1, 2, 3]
     for split, key in (("train", "loss"), ("eval", "accuracy")):
         assert [r[key] for r in logged(two, split)] == pytest.approx([r[key] for r in logged(one, split)], abs=1e-6)
-    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    weights = ["model.safetensors"] + (["adapter/adapter_model.safetensors"] if method == "lora" else [])
+    for name in weights:
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
     losses = [r["loss"] for r in logged(one, "train")]
     assert abs(losses[2] - losses[0]) > 1e-4  # it trained: a run that took no step would agree as well
+    if method == "lora":  # and the adapter of the 2-process run is one that peft reads as minibert wrote it
+        peft = pytest.importorskip("peft")
+        base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir, num_labels=2)
+        theirs = peft.PeftModel.from_pretrained(base, two / "adapter").eval()
+        merged = transformers.AutoModelForSequenceClassification.from_pretrained(two).eval()
+        inputs = transformers.AutoTokenizer.from_pretrained(tiny_init_dir)(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            assert (theirs(**inputs).logits - merged(**inputs).logits).abs().max() <= 1e-5
+        trained = load_file(two / "adapter" / "adapter_model.safetensors")
+        assert all(trained[k].any() for k in trained if ".lora_B." in k)  # B moved off zero: the update is not empty

@@ -11,6 +11,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+import minibert
+
 from conftest import padded_batch, tiny_hf_config
 from minibert import BertForSequenceClassification, BertForTokenClassification
 from minibert.lora import LoraModel, LoraSettings
@@ -19,6 +21,7 @@ from minibert.training import Trainer, TrainingSettings
 peft = pytest.importorskip("peft")
 
 ATOL = 1e-5
+ROUNDED = 1.5e-6  # results rounded to 6 decimals: numbers 1e-7 apart can round one step apart
 HF_CLASSES = {BertForSequenceClassification: transformers.BertForSequenceClassification,
               BertForTokenClassification: transformers.BertForTokenClassification}
 
@@ -302,6 +305,74 @@ def test_lora_run_writes_a_merged_model_and_an_adapter_that_give_its_predictions
     assert json.loads((out / "train_results.json").read_text()) == results["train"]
 
 
+@pytest.fixture(scope="module")
+def lively_init_dir(tmp_path_factory, tiny_init_dir):
+    """tiny_init_dir's BERT drawn with 10 times the weights (initializer_range 0.2): its outputs move from text to
+    text, so that a few LoRA steps give predictions far apart, which a wrong weight or temperature would change."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("lively-bert")
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_hf_config(vocab_size=30522, initializer_range=0.2)).save_pretrained(directory)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_init_dir / name, directory / name)
+    return directory
+
+
+def tagged_words(text):
+    """A tagging task of its own for each sentence: the first two words one entity (B-X I-X), the rest O."""
+    words = text.split()
+    return {"tokens": words, "tags": ["B-X", "I-X"] + ["O"] * (len(words) - 2)}
+
+
+@pytest.mark.parametrize("task_type", ["classification", "token-classification"])
+def test_a_lora_runs_directory_predicts_in_minibert_pipeline_as_merged_in_transformers_and_in_its_predictions(
+        lively_init_dir, tmp_path, task_type):
+    """The output directory of a LoRA run, read by minibert.pipeline, gives predictions.jsonl's results
+    (which the run computed with the unmerged LoRA model) and the logits of the merged model in transformers."""
+    texts = POSITIVE + NEGATIVE
+    if task_type == "classification":
+        data = write_csv(tmp_path / "train.csv", [(t, "pos" if i < 4 else "neg") for i, t in enumerate(texts * 2)])
+    else:
+        data = tmp_path / "train.jsonl"
+        data.write_text("".join(json.dumps(tagged_words(t)) + "\n" for t in texts * 2))
+    # 16 validation examples: enough to fit a temperature (10 or more), which the pipeline must then apply.
+    finetune(lively_init_dir, tmp_path / "out", "--train-file", data, "--validation-file", data, "--test-file", data,
+             "--task-type", task_type, "--max-steps", 8, "--lr", "3e-2", "--lora-rank", 4, "--no-group-by-length")
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()][:len(texts)]
+    pipe = minibert.pipeline(out, precision="fp32")  # auto would be bf16 on a CPU that has it
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    if task_type == "classification":
+        ours = pipe(texts)
+        assert [{k: v for k, v in r.items() if k not in ("text", "gold")} for r in records] == [
+            {**result, "score": pytest.approx(result["score"], abs=ROUNDED),
+             "probabilities": pytest.approx(result["probabilities"], abs=ROUNDED)} for result in ours]
+        merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+        with torch.no_grad():
+            theirs = merged(**tok(texts, return_tensors="pt", padding=True)).logits
+        temperature = json.loads((out / "config.json").read_text())["calibration_temperature"]
+        assert abs(temperature - 1) > 0.05  # a temperature the pipeline had to apply
+        probs = torch.tensor([[r["probabilities"]["neg"], r["probabilities"]["pos"]] for r in ours])
+        assert (theirs.div(temperature).softmax(-1) - probs).abs().max() <= 1e-5
+        assert probs[:, 1].max() - probs[:, 1].min() > 0.05  # predictions far apart: a wrong model could not pass
+    else:
+        words = [t.split() for t in texts]
+        ours = pipe(words, is_split_into_words=True)
+        assert [{k: v for k, v in r.items() if k not in ("tokens", "gold")} for r in records] == [
+            {**result, "entities": [{**e, "score": pytest.approx(e["score"], abs=ROUNDED)} for e in result["entities"]]}
+            for result in ours]
+        assert any(result["entities"] for result in ours) and any(result["tags"] != ours[0]["tags"] for result in ours)
+        merged = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+        inputs = tok(words, is_split_into_words=True, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = merged(**inputs).logits
+        for row, sentence in enumerate(words):  # each word's logits are those of its first piece
+            ids = inputs.word_ids(row)
+            theirs = logits[row, [ids.index(w) for w in range(len(sentence))]]
+            assert (torch.from_numpy(pipe.outputs(pipe.examples([sentence], True))[0]) - theirs).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("task_type, rows", [
     ("regression", list(zip(POSITIVE + NEGATIVE, [3.5, 2.0, 1.5, 3.0, -2.5, -1.0, -3.5, -0.5]))),
     ("multilabel", [(t, "good|fun" if i % 2 else "bad") for i, t in enumerate(POSITIVE + NEGATIVE)]),
@@ -377,28 +448,6 @@ def test_a_peft_adapter_predicts_and_trains_further(tiny_init_dir, tmp_path):
     before = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     after = load_file(tmp_path / "more" / "adapter" / "adapter_model.safetensors")
     assert after.keys() == before.keys() and all(not torch.equal(after[k], before[k]) for k in after)
-
-
-def test_lora_on_two_processes(tiny_init_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo): the LoRA run trains and writes an adapter peft loads."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    train = sentiment_csv(tmp_path / "train.csv")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).parents[1] / "train_finetune.py"), "--init", str(tiny_init_dir), "--train-file", str(train),
-           "--validation-file", str(train), "--output-dir", str(tmp_path / "out"), "--batch-size", "4", "--max-steps", "3",
-           "--no-progress", "--lora-rank", "4"]
-    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir, num_labels=2)
-    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
-    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
-    inputs = transformers.AutoTokenizer.from_pretrained(tiny_init_dir)(POSITIVE, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        assert (theirs(**inputs).logits - merged(**inputs).logits).abs().max() <= ATOL
 
 
 def test_lora_on_the_triton_backend_matches_eager():
