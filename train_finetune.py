@@ -54,41 +54,29 @@ reliability.png shows them; with --seeds, seeds/seed-N/ per run and seeds_result
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from minibert import evaluation as E
 from minibert import finetuning as F
 from minibert import inference as I
 from minibert.assets import MINILM_HUB_ID
-from minibert.attributions import explain_records
-from minibert.atomic_write import atomic_write_text, write_json
-from minibert.calibration import (
-    CALIBRATED_TASKS,
-    calibration_report,
-    fit_temperature,
-    plot_reliability,
-    temperature_for_config,
-    top_label,
-)
 from minibert.calibration import CONFIG_KEY as TEMPERATURE_KEY
 from minibert.class_weights import class_weights, weighted_loss
 from minibert.cli import check_counts, config_overrides, parse_settings, run_cli, setup_logging
 from minibert.config import BertConfig
-from minibert.curves import plot_curves
-from minibert.explanation_page import write_page
+from minibert.data.encoding import check_stride
+from minibert.data.examples import DataError
 from minibert.hub import resolve_model_dir
 from minibert.inference import TAG_SCHEME_KEY, THRESHOLDS_KEY
-from minibert.lora import LoraModel, LoraSettings, read_adapter_config, read_adapter_weights
-from minibert.seeds import parse_seeds, run_seeds
+from minibert.lora import LoraSettings
 from minibert.metrics import MAIN_METRIC, METRICS
 from minibert.runs import hold_output_dir, remove_earlier_results, resolve_resume
+from minibert.seeds import parse_seeds, run_seeds
 from minibert.tagging import SCHEMES, detect_scheme
-from minibert.thresholds import tune_thresholds
 from minibert.tokenizer import load_tokenizer
 from minibert.training import (
     Distributed,
@@ -100,10 +88,8 @@ from minibert.training import (
     resolve_precision,
     seed_everything,
     setup_distributed,
+    start_training,
 )
-from minibert.data.encoding import check_stride
-from minibert.data.examples import DataError
-from minibert.data.readers import load_examples
 
 logger = logging.getLogger("minibert")
 
@@ -224,8 +210,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 
 # ----------------------------------------------------------------------------- the steps of main()
 #
-# Each step reads the settings it needs from the FinetuneConfig and calls minibert.finetuning, where
-# the work is done (and where Python users find it).
+# Each step reads the settings it needs from the FinetuneConfig and calls minibert.finetuning (or, for
+# the results and --predict-only, minibert.evaluation), where the work is done and Python users find it.
 
 
 def load_data(cfg: FinetuneConfig, tokenizer) -> F.TaskData:
@@ -260,39 +246,9 @@ def check_task_tokenizer(cfg: FinetuneConfig, task: F.TaskData, tokenizer, init_
 def lora_settings(cfg: FinetuneConfig) -> LoraSettings | None:
     """The LoRA the flags ask for (None: full fine-tuning, or an adapter's own settings), checked before any
     data is read."""
-    flags = {"--lora-rank": cfg.lora_rank is not None, "--lora-alpha": cfg.lora_alpha is not None,
-             "--lora-dropout": cfg.lora_dropout is not None, "--lora-targets": cfg.lora_targets is not None,
-             "--lora-train-pooler": cfg.lora_train_pooler}
-    given = [flag for flag, on in flags.items() if on]
-    if cfg.lora_adapter is not None:
-        if given:
-            raise ValueError(f"{given[0]} with --lora-adapter: the adapter's adapter_config.json sets rank, alpha, "
-                             "dropout and targets; drop the flag")
-        read_adapter_config(cfg.lora_adapter)  # a missing folder or an adapter minibert cannot compute: say so now
-    elif cfg.lora_rank is None:
-        if given:
-            raise ValueError(f"{given[0]} needs --lora-rank R (LoRA of rank R, e.g. 8) or --lora-adapter DIR")
-        return None
-    # Other ways of choosing what trains: with LoRA their meaning would be unclear.
-    for flag, used in (("--freeze-layers", cfg.freeze_layers), ("--layer-lr-decay", cfg.layer_lr_decay != 1.0),
-                       ("--reinit-layers", cfg.reinit_layers)):
-        if used:
-            raise ValueError(f"{flag} with LoRA: LoRA already decides what trains (the LoRA weights and the head); "
-                             f"drop {flag}, or drop LoRA to fine-tune layers in full")
-    if cfg.crf:  # peft's token classifier is transformers' BertForTokenClassification, which has no CRF
-        raise ValueError("--crf with LoRA: a peft adapter cannot carry the CRF's transition scores; drop --crf, or drop "
-                         "LoRA to train the CRF with the whole model")
-    if cfg.lora_adapter is not None:
-        return None
-    return LoraSettings(rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha,
-                        dropout=0.1 if cfg.lora_dropout is None else cfg.lora_dropout,
-                        targets=tuple(t.strip() for t in (cfg.lora_targets or "query,value").split(",") if t.strip()),
-                        train_pooler=cfg.lora_train_pooler)
-
-
-def count_weights(model) -> tuple[int, int]:
-    """(trainable, total) weights: what the log and train_results.json report."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+    return F.lora_settings(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+                           train_pooler=cfg.lora_train_pooler, adapter=cfg.lora_adapter, freeze_layers=cfg.freeze_layers,
+                           layer_lr_decay=cfg.layer_lr_decay, reinit_layers=cfg.reinit_layers, crf=cfg.crf)
 
 
 def window_stride(cfg: FinetuneConfig, task: F.TaskData, tokenizer, max_length: int) -> int | None:
@@ -322,13 +278,7 @@ def build_model(cfg: FinetuneConfig, task: F.TaskData, vocab, init_dir: Path):
         if scheme is None and any(label[:2] in ("B-", "I-") for label in vocab.labels):
             logger.info("minibert: the training tags break the BIO rules (I- after O: IOB1, as CoNLL-2003's original "
                         "files): predictions take each word's most probable tag, without sequence constraints")
-    trainable, total = count_weights(model)
-    how = ""
-    if isinstance(model, LoraModel):
-        lora = model.settings
-        how = (f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)} of {len(model.model.bert.layers)} "
-               f"layers, the classifier{' and pooler' if lora.train_pooler else ''} in full: ")
-    logger.info("minibert: %s%s of %s weights train (%.2f%%)", how, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    F.log_trainable_weights(model)
     return model
 
 
@@ -358,25 +308,18 @@ class Run:
 def start_run(cfg: FinetuneConfig, model, task: F.TaskData, features: F.TaskFeatures, max_length: int,
               init_dir: Path, dist: Distributed, loss_fn=None) -> Run:
     """The Trainer, the state to start from (a checkpoint's when resuming), and the run's settings, saved."""
-    out_dir = Path(cfg.output_dir)
     precision = resolve_precision(cfg.precision, dist.device)
     settings = TrainingSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                                 grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
                                 layer_lr_decay=cfg.layer_lr_decay, precision=precision, compile=cfg.compile)
     schedule = F.Schedule.of(cfg)
     total_steps, epochs = schedule.steps([len(f) for f in features.train], dist)
-    trainer = Trainer(model, settings, total_steps, out_dir, dist, loss_fn=loss_fn)
-    # The settings as given (what --resume compares and restores), then what they resolved to.
-    run_config = {**dataclasses.asdict(cfg), "resolved": {
-        "precision": precision, "task_type": task.task_type, "task_name": task.name, "max_length": max_length,
-        "total_steps": total_steps, "world_size": dist.world_size, "init_dir": str(init_dir),
-        "text_pairs": task.train[0].text_pair is not None}}  # what minibert.pipeline then accepts
-    state = trainer.resume() if cfg.resume else TrainState()
+    trainer, state, run_config = start_training(
+        cfg, model, settings, total_steps, dist, record_file="finetune_config.json", loss_fn=loss_fn,
+        resolved={"task_type": task.task_type, "task_name": task.name, "max_length": max_length,
+                  "total_steps": total_steps, "init_dir": str(init_dir),
+                  "text_pairs": task.train[0].text_pair is not None})  # what minibert.pipeline then accepts
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            remove_earlier_results(out_dir)
-        write_json(out_dir / "finetune_config.json", run_config)
         logger.info("minibert: %s, %s: %d train / %d validation / %s test examples, %d steps of %d x %d x %d",
                     task.name, task.task_type, len(features.train), len(features.validation),
                     len(features.test) if features.test else 0, total_steps, cfg.batch_size, cfg.grad_accum,
@@ -394,13 +337,9 @@ def train(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatu
     trainer, pad_id = run.trainer, tokenizer.token_to_id("[PAD]")
 
     def validate(model) -> dict:
-        model_task = trained_task(cfg, task, vocab, model)
-        windows = I.predict_logits(model, features.validation, batch_size=cfg.eval_batch_size, pad_token_id=pad_id,
-                                   device=trainer.device, precision=trainer.settings.precision)
-        outputs, references = document_outputs(task.task_type, task.validation, features.validation, windows)
-        loss = F.validation_loss(windows, features.validation, task.task_type, model.config.problem_type)
-        return {**I.score(model_task, outputs, references, task.metric_names), "loss": loss,
-                "per_class": I.per_class(model_task, outputs, references)}
+        return E.validate(model, task, vocab, features, batch_size=cfg.eval_batch_size, pad_token_id=pad_id,
+                          device=trainer.device, precision=trainer.settings.precision,
+                          constrained=cfg.constrained_decoding)
 
     return F.train(trainer, run.state, features.train, run.schedule, epochs=run.epochs, pad_token_id=pad_id,
                    validate=validate, main_metric=run.main_metric, tokenizer=tokenizer, run_config=run.run_config,
@@ -409,117 +348,11 @@ def train(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatu
 
 def evaluate_and_write_results(cfg: FinetuneConfig, run: Run, task: F.TaskData, features: F.TaskFeatures, vocab,
                                tokenizer, train_stats: dict) -> dict:
-    """The best model on the test data (predictions.jsonl; test_results.json when it has labels), the
-    run's figures, the training curves; then the resumable state, no longer needed, is removed."""
-    trainer, state, out_dir = run.trainer, run.state, Path(cfg.output_dir)
-    model, dist = trainer.model, trainer.dist
-    results = {"eval": None, "test": None, "output_dir": str(out_dir), "train": train_stats, "main_metric": run.main_metric}
-    if dist.is_main:
-        if state.best_step is None:  # a resumed run that had nothing left to do
-            model.save_pretrained(out_dir, tokenizer=tokenizer)
-        train_stats["trainable_parameters"], train_stats["total_parameters"] = count_weights(model)
-        if isinstance(model, LoraModel):
-            adapter = out_dir / "adapter"
-            train_stats["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir() if f.is_file())
-            logger.info("minibert: the LoRA adapter (%.1f kB) in %s; the merged model in %s",
-                        train_stats["adapter_bytes"] / 1e3, adapter, out_dir)
-        write_json(out_dir / "train_results.json", train_stats)
-        best = type(model).from_pretrained(str(out_dir), verbose=False, attn_impl=model.config.attn_impl).to(dist.device)
-        results["eval"] = json.loads((out_dir / "eval_results.json").read_text()) if (out_dir / "eval_results.json").exists() else None
-        pad_id = tokenizer.token_to_id("[PAD]")
-        validation = None  # the validation split's (outputs, references), predicted once when needed
-        if task.task_type in CALIBRATED_TASKS:  # first T, then any thresholds: they apply to calibrated probabilities
-            validation = predict_split(cfg, best, task.task_type, task.validation, features.validation, pad_id, trainer)
-            results["eval"] = calibrate(best, task, vocab, *validation, results["eval"], out_dir, tokenizer, fit=cfg.calibrate)
-        if cfg.tune_thresholds:
-            results["eval"] = keep_tuned_thresholds(cfg, best, task, vocab, *validation, results["eval"], out_dir, tokenizer)
-        model_task = trained_task(cfg, task, vocab, best)
-        temperature = model_task.temperature if cfg.calibrate else None  # None: the results say T = 1 was not fitted
-        if features.test:
-            outputs, references = predict_split(cfg, best, task.task_type, task.test, features.test, pad_id, trainer)
-            write_predictions(out_dir, model_task, task.test, I.results(model_task, task.test, outputs))
-            if features.test[0].label is not None:
-                results["test"] = I.score(model_task, outputs, references, task.metric_names)
-                if task.task_type in CALIBRATED_TASKS:
-                    results["test"].update(calibration_report(task.task_type, np.stack(outputs), np.stack(references),
-                                                              temperature))
-                logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
-                results["test"]["per_class"] = I.per_class(model_task, outputs, references)
-                write_json(out_dir / "test_results.json", results["test"])
-        if task.task_type in CALIBRATED_TASKS:
-            # On the test set when it has labels: T was fitted on the validation set, where "after" would flatter.
-            split, (logits, labels) = ("test", (outputs, references)) if results["test"] is not None else ("validation", validation)
-            plot_calibration(out_dir / "reliability.png", f"{task.name}, {split} set ({len(labels)} examples)",
-                             task.task_type, np.stack(logits), np.stack(labels), temperature)
-        plot_curves(out_dir / "metrics.jsonl", out_dir / "training_curves.png", eval_metrics=(run.main_metric,))
-        trainer.remove_checkpoints()
-        logger.info("minibert: best %s %.4f (step %s); model in %s", run.main_metric,
-                    float("nan") if state.best_metric is None else state.best_metric, state.best_step, out_dir)
-    dist.barrier()
-    return results
-
-
-# ----------------------------------------------------------------------------- predictions
-#
-# Prediction, scoring and predictions.jsonl's records are minibert.inference's, the code minibert.pipeline
-# runs: a model's predictions here and in Python are the same numbers.
-
-
-def trained_task(cfg: FinetuneConfig, task: F.TaskData, vocab, model) -> I.ModelTask:
-    """What the model being trained predicts, as minibert.inference describes a fine-tuned model."""
-    return I.ModelTask.of(model, task.task_type, vocab.labels if vocab is not None else None,
-                          constrained=cfg.constrained_decoding)
-
-
-def predict_split(cfg: FinetuneConfig, model, task_type: str, examples, features, pad_token_id: int,
-                  trainer: Trainer) -> tuple[list, list]:
-    """One output and one reference per example of a split, however many windows it was read in."""
-    windows = I.predict_logits(model, features, batch_size=cfg.eval_batch_size, pad_token_id=pad_token_id,
-                               device=trainer.device, precision=trainer.settings.precision)
-    return document_outputs(task_type, examples, features, windows)
-
-
-def document_outputs(task_type: str, examples, features, windows) -> tuple[list, list]:
-    """The outputs of a split's features (`windows`) merged into one output and one reference per example."""
-    words = I.word_counts(task_type, examples)
-    return I.document_outputs(task_type, features, windows, words), I.document_labels(task_type, features, words)
-
-
-def write_predictions(out_dir: Path, task: I.ModelTask, examples, answers: list[dict]) -> None:
-    write_records(out_dir, I.prediction_records(task, examples, answers))
-
-
-def write_records(out_dir: Path, records: list[dict]) -> None:
-    lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)  # UTF-8: texts stay readable
-    atomic_write_text(out_dir / "predictions.jsonl", "".join(lines))
-
-
-def adapter_head(adapter_dir: str) -> tuple[str, int]:
-    """Which classifier a LoRA adapter brings ("token" or "sequence") and its number of outputs."""
-    config = read_adapter_config(adapter_dir)
-    weight = read_adapter_weights(Path(adapter_dir)).get("base_model.model.classifier.weight")
-    if weight is None:
-        raise DataError(f"--predict-only: the adapter {adapter_dir} has no classifier to label with (it trained none); "
-                        "fine-tune it on labelled data first (drop --predict-only)")
-    return ("token" if config.get("task_type") == "TOKEN_CLS" else "sequence"), int(weight.shape[0])
-
-
-def adapter_model(cfg: FinetuneConfig, overrides: dict) -> tuple:
-    """--lora-adapter with --predict-only: --init with the adapter merged in, its task type and labels (the
-    class ids: peft keeps no label names), and the tokenizer, as ready_pipeline takes them."""
-    init_dir = resolve_model_dir(cfg.init)
-    kind, num_labels = adapter_head(cfg.lora_adapter)
-    if kind == "token":
-        task_type = "token-classification"
-    elif cfg.task_type == "multilabel":  # an adapter cannot tell, the user can
-        task_type = "multilabel"
-    else:
-        task_type = "regression" if num_labels == 1 else "classification"  # HF's rule without a problem_type
-    model = F.model_class(task_type).from_pretrained(str(init_dir), verbose=False, reinit_head=True,
-                                                     num_labels=num_labels, **overrides)
-    merged = LoraModel.from_adapter(model, cfg.lora_adapter, base=cfg.init).merged_model()
-    labels = None if task_type == "regression" else [str(i) for i in range(num_labels)]
-    return merged, load_tokenizer(init_dir), task_type, labels
+    """The best model on the test data, the run's figures and curves (minibert.evaluation.write_results)."""
+    return E.write_results(run.trainer, run.state, task, features, vocab, tokenizer, train_stats,
+                           main_metric=run.main_metric, batch_size=cfg.eval_batch_size,
+                           constrained=cfg.constrained_decoding, calibrated=cfg.calibrate,
+                           tune_thresholds=cfg.tune_thresholds)
 
 
 def predict_only(cfg: FinetuneConfig) -> dict:
@@ -530,6 +363,18 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     if cfg.tune_thresholds:
         raise ValueError("--tune-thresholds picks thresholds on a validation set, and --predict-only has none: tune "
                          "them while fine-tuning (the model keeps them in its config.json)")
+    pipe = prediction_pipeline(cfg)
+    init_dir = resolve_model_dir(cfg.init)
+    config = BertConfig.from_json_file(init_dir / "config.json", **config_overrides(cfg.config))
+    # The columns the model was trained with are the defaults: new data has them more often than not.
+    columns = {**F.saved_columns(init_dir), **{name: getattr(cfg, name) for name in F.COLUMN_SETTINGS if getattr(cfg, name)}}
+    return E.label_file(pipe, cfg.test_file, cfg.output_dir, init=cfg.init, config=config, columns=columns,
+                        tag_scheme=cfg.tag_scheme, progress=cfg.progress, explain=cfg.explain,
+                        explain_target=cfg.explain_target, explain_steps=cfg.explain_steps)
+
+
+def prediction_pipeline(cfg: FinetuneConfig) -> I.Pipeline:
+    """--init (with --lora-adapter merged in) as minibert.pipeline, in the precision and on the device asked for."""
     device = setup_distributed(cfg.device).device
     check_attention_backend(cfg.attn_impl, device)
     # Attributions take gradients through the model's own weights: auto keeps them fp32 with --explain.
@@ -540,52 +385,11 @@ def predict_only(cfg: FinetuneConfig) -> dict:
     if cfg.lora_adapter is None:
         pipe = I.pipeline(cfg.init, **settings, attn_impl=cfg.attn_impl, config_overrides=config_overrides(cfg.config))
     else:
-        pipe = I.ready_pipeline(*adapter_model(cfg, overrides), name=cfg.lora_adapter, **settings)
+        adapter = F.adapter_model(cfg.init, cfg.lora_adapter, task_type=cfg.task_type, overrides=overrides)
+        pipe = I.ready_pipeline(*adapter, name=cfg.lora_adapter, **settings)
     if not cfg.constrained_decoding:
         pipe.task = dataclasses.replace(pipe.task, tag_scheme=None)
-    init_dir = resolve_model_dir(cfg.init)
-    config = BertConfig.from_json_file(init_dir / "config.json", **config_overrides(cfg.config))
-    # The columns the model was trained with are the defaults: new data has them more often than not.
-    columns = {**F.saved_columns(init_dir), **{name: getattr(cfg, name) for name in F.COLUMN_SETTINGS if getattr(cfg, name)}}
-    F.check_tokenizer_fits(pipe.tokenizer, config, cfg.init, text_pairs=bool(columns.get("text_pair_column")))
-    # Gold spans of a labelled test file are tagged as the model was trained (a CoNLL-trained model: --tag-scheme).
-    scheme = config.extra.get(TAG_SCHEME_KEY) if config.extra.get(TAG_SCHEME_KEY) in SCHEMES else cfg.tag_scheme
-    task_type = pipe.task.task_type
-    examples = load_examples(cfg.test_file, task_type=task_type, flag="--test-file", require_labels=False,
-                             tokenizer=pipe.tokenizer, tag_scheme=scheme, **columns)
-    labelled = examples[0].label is not None
-    features = pipe.encode(examples, labelled=labelled, source="the test data")
-    outputs = pipe.outputs(examples, features, progress=cfg.progress and len(examples) >= I.PROGRESS_FROM)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    answers = I.results(pipe.task, examples, outputs)
-    records = I.prediction_records(pipe.task, examples, answers)
-    if cfg.explain:
-        if pipe.precision.name == "int8":
-            raise ValueError("--explain takes gradients through the torch model, and --precision int8 runs ONNX Runtime: "
-                             "use --precision fp32 or bf16 with --explain")
-        if cfg.explain_target is not None and task_type not in CALIBRATED_TASKS:
-            raise ValueError(f"--explain-target names a label to explain, and a {task_type} model explains "
-                             f"{'its value' if task_type == 'regression' else 'each entity'}: drop --explain-target")
-        tags = [answer["tags"] for answer in answers] if task_type == "token-classification" else None
-        records, page = explain_records(pipe.model.float().eval(), pipe.tokenizer, task_type, pipe.task.labels, examples,
-                                        records, tags=tags, temperature=pipe.task.temperature, target=cfg.explain_target,
-                                        steps=cfg.explain_steps, max_length=pipe.max_length, device=pipe.device)
-        write_page(out_dir / "explanations.html", page, title=f"minibert: what {cfg.init}'s predictions rest on")
-        logger.info("minibert: %d explanations in %s", len(page), out_dir / "explanations.html")
-    write_records(out_dir, records)
-    logger.info("minibert: %s predictions of %s in %s", len(examples), cfg.init, out_dir / "predictions.jsonl")
-    results = {"eval": None, "test": None, "output_dir": str(out_dir)}
-    if labelled:
-        references = I.document_labels(task_type, features, I.word_counts(task_type, examples))
-        results["test"] = I.score(pipe.task, outputs, references)
-        if task_type in CALIBRATED_TASKS:  # with the uncalibrated figures beside when the model has a temperature
-            temperature = pipe.task.temperature if TEMPERATURE_KEY in config.extra else None
-            results["test"].update(calibration_report(task_type, np.stack(outputs), np.stack(references), temperature))
-        logger.info("minibert: test %s", ", ".join(f"{k} {v:.4f}" for k, v in results["test"].items()))
-        results["test"]["per_class"] = I.per_class(pipe.task, outputs, references)
-        write_json(out_dir / "test_results.json", results["test"])
-    return results
+    return pipe
 
 
 def check_task_settings(cfg: FinetuneConfig, task: F.TaskData) -> None:
@@ -601,64 +405,6 @@ def check_task_settings(cfg: FinetuneConfig, task: F.TaskData) -> None:
                          "the most probable class: drop it")
     if cfg.class_weights and cfg.crf:
         raise ValueError("--class-weights and --crf: the CRF's loss is over whole tag sequences, not per tag: drop one")
-
-
-def calibrate(model, task: F.TaskData, vocab, outputs, references, eval_results: dict | None, out_dir: Path,
-              tokenizer, fit: bool) -> dict:
-    """Temperature scaling: T fitted on the best model's validation logits (minimum NLL), saved in config.json as
-    calibration_temperature, so that every prediction after it applies it. eval_results.json gains ece, brier and
-    nll at T, the same at T = 1 beside them (ece_uncalibrated, ...) and T itself. fit=False (--no-calibrate):
-    the three at T = 1 only, and no temperature saved."""
-    logits, labels = np.stack(outputs), np.stack(references)  # labels: (N,) class ids, or (N, L) multi-hot
-    eval_results = dict(eval_results or {})
-    temperature = fit_temperature(task.task_type, logits, labels) if fit else None
-    if temperature is not None:
-        saved = temperature_for_config(temperature, vocab.labels if task.task_type == "multilabel" else None)
-        model.config.extra[TEMPERATURE_KEY] = saved
-        model.save_pretrained(out_dir, tokenizer=tokenizer)
-        eval_results[TEMPERATURE_KEY] = saved
-        logger.info("minibert: calibration temperature %s",
-                    saved if isinstance(saved, dict) else f"{saved:.4f}")
-    report = calibration_report(task.task_type, logits, labels, temperature)
-    logger.info("minibert: validation %s", ", ".join(f"{k} {v:.4f}" for k, v in report.items()))
-    eval_results.update(report)
-    write_json(out_dir / "eval_results.json", eval_results)
-    return eval_results
-
-
-def plot_calibration(path: Path, title: str, task_type: str, logits: np.ndarray, labels: np.ndarray,
-                     temperature: float | list[float] | None) -> None:
-    """reliability.png: accuracy against confidence at T = 1, and at the fitted temperature (None: not fitted)."""
-    curves = {"before (T = 1)": top_label(task_type, logits, labels)}
-    if temperature is not None:
-        shown = f"{temperature:.3g}" if np.ndim(temperature) == 0 else "one per label"
-        curves[f"after (T = {shown})"] = top_label(task_type, logits, labels, temperature)
-    plot_reliability(path, curves, title=title)
-
-
-def keep_tuned_thresholds(cfg: FinetuneConfig, model, task: F.TaskData, vocab, outputs, references, eval_results: dict,
-                          out_dir: Path, tokenizer) -> dict:
-    """--tune-thresholds: each label's F1-best threshold on the validation set, saved in config.json (as
-    label_thresholds) and in eval_results.json, with the validation scores at them (tuned on that data, so
-    an optimistic estimate: the test set tells the truth). The thresholds apply to the probabilities
-    as predicted, calibrated when the model has a temperature."""
-    probs = I.probabilities(trained_task(cfg, task, vocab, model), np.stack(outputs))
-    thresholds, untuned = tune_thresholds(probs, np.stack(references), vocab.labels)
-    if untuned:
-        logger.warning("minibert: the validation set has no example of %s: %s keep the threshold 0.5",
-                       ", ".join(untuned), "it" if len(untuned) == 1 else "they")
-    model.config.extra[THRESHOLDS_KEY] = thresholds
-    model.save_pretrained(out_dir, tokenizer=tokenizer)
-    model_task = trained_task(cfg, task, vocab, model)
-    tuned = I.score(model_task, outputs, references, task.metric_names)
-    logger.info("minibert: label thresholds %s; validation at them: %s",
-                ", ".join(f"{label} {t:.3f}" for label, t in thresholds.items()),
-                ", ".join(f"{k} {v:.4f}" for k, v in tuned.items()))
-    eval_results = {**(eval_results or {}), THRESHOLDS_KEY: thresholds, "at_tuned_thresholds": {
-        **tuned, "per_class": I.per_class(model_task, outputs, references)}}
-    write_json(out_dir / "eval_results.json", eval_results)
-    return eval_results
-
 
 
 # ----------------------------------------------------------------------------- main

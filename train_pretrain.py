@@ -30,7 +30,6 @@ checkpoint/ every --save-steps (for --resume).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,6 @@ import torch
 
 from minibert import pretraining as PT
 from minibert.assets import cache_dir
-from minibert.atomic_write import write_json
 from minibert.config import BertConfig
 from minibert.curves import plot_curves
 from minibert.cli import check_counts, config_overrides, parse_settings, run_cli, setup_logging
@@ -47,7 +45,7 @@ from minibert.hub import resolve_model_dir
 from minibert.pretraining_data.corpus import CorpusError, CorpusNotFoundError
 from minibert.pretraining_data.dataset import PretrainingDataset, unigram_log_probs
 from minibert.pretraining_data.masking import MaskingCollator
-from minibert.runs import find_checkpoint, hold_output_dir, remove_earlier_results, resolve_resume
+from minibert.runs import find_checkpoint, hold_output_dir, resolve_resume
 from minibert.segmentation import SEGMENTERS
 from minibert.tokenizer import REQUIRED_SPECIAL_TOKENS, check_special_tokens, load_tokenizer
 from minibert.training import (
@@ -59,6 +57,7 @@ from minibert.training import (
     resolve_precision,
     seed_everything,
     setup_distributed,
+    start_training,
 )
 
 logger = logging.getLogger("minibert")
@@ -221,22 +220,14 @@ def build_model(cfg: PretrainConfig, train: PretrainingDataset):
 def start_run(cfg: PretrainConfig, model, train: PretrainingDataset, heldout: PretrainingDataset,
               dist: Distributed) -> tuple[Trainer, TrainState, dict]:
     """The Trainer, the state to start from (a checkpoint's when resuming), and the run's settings, saved."""
-    out_dir = Path(cfg.output_dir)
     precision = resolve_precision(cfg.precision, dist.device)
     settings = TrainingSettings(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_ratio=cfg.warmup_ratio,
                                 grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, precision=precision,
                                 compile=cfg.compile, adam_eps=1e-6)
-    trainer = Trainer(model, settings, cfg.max_steps, out_dir, dist)
-    # The settings as given (what --resume compares and restores), then what they resolved to.
-    run_config = {**dataclasses.asdict(cfg), "resolved": {
-        "precision": precision, "shards": str(train.shard_dir), "world_size": dist.world_size,
-        "train_examples": len(train), "heldout_examples": len(heldout)}}
-    state = trainer.resume() if cfg.resume else TrainState()
+    trainer, state, run_config = start_training(
+        cfg, model, settings, cfg.max_steps, dist, record_file="pretrain_config.json",
+        resolved={"shards": str(train.shard_dir), "train_examples": len(train), "heldout_examples": len(heldout)})
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            remove_earlier_results(out_dir)
-        write_json(out_dir / "pretrain_config.json", run_config)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("minibert: pretraining %.1fM parameters on %d examples of %d tokens (%d held out), %d steps of %d",
                     n_params / 1e6, len(train), cfg.seq_len, len(heldout), cfg.max_steps, cfg.batch_size)

@@ -210,6 +210,16 @@ def plot_reliability(path, curves: Mapping[str, tuple], title: str = "", num_bin
     return True
 
 
+def plot_calibration(path: Path, title: str, task_type: str, logits: np.ndarray, labels: np.ndarray,
+                     temperature: float | list[float] | None) -> None:
+    """reliability.png: accuracy against confidence at T = 1, and at the fitted temperature (None: not fitted)."""
+    curves = {"before (T = 1)": top_label(task_type, logits, labels)}
+    if temperature is not None:
+        shown = f"{temperature:.3g}" if np.ndim(temperature) == 0 else "one per label"
+        curves[f"after (T = {shown})"] = top_label(task_type, logits, labels, temperature)
+    plot_reliability(path, curves, title=title)
+
+
 # ----------------------------------------------------------------------------- in a model's config.json
 
 CONFIG_KEY = "calibration_temperature"  # not "temperature": transformers 5 drops that key (a generation setting)

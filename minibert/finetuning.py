@@ -45,7 +45,8 @@ from minibert.data.examples import DataError
 from minibert.data.labels import LabelVocab
 from minibert.data.readers import infer_task_type, load_examples
 from minibert.data.tasks import load_glue, movie_reviews
-from minibert.lora import LoraModel, LoraSettings
+from minibert.hub import resolve_model_dir
+from minibert.lora import LoraModel, LoraSettings, read_adapter_config, read_adapter_weights
 from minibert.metrics import greater_is_better
 from minibert.model import (
     BertForSequenceClassification,
@@ -54,6 +55,7 @@ from minibert.model import (
     classification_loss,
 )
 from minibert.progress import Progress
+from minibert.tokenizer import load_tokenizer
 from minibert.training import Distributed, Throughput, Trainer, TrainState
 
 logger = logging.getLogger("minibert")
@@ -333,6 +335,90 @@ def build_model(
     if lora is not None:
         return LoraModel(model, lora, base=lora_base or str(init_dir))
     return model
+
+
+def count_weights(model) -> tuple[int, int]:
+    """(trainable, total) weights: what the log and train_results.json report."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+def log_trainable_weights(model) -> None:
+    """One log line: how many of the weights train, and for a LoRA model what its update adapts."""
+    trainable, total = count_weights(model)
+    how = ""
+    if isinstance(model, LoraModel):
+        lora = model.settings
+        how = (f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.targets)} of {len(model.model.bert.layers)} "
+               f"layers, the classifier{' and pooler' if lora.train_pooler else ''} in full: ")
+    logger.info("minibert: %s%s of %s weights train (%.2f%%)", how, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def lora_settings(*, rank: int | None = None, alpha: float | None = None, dropout: float | None = None,
+                  targets: str | None = None, train_pooler: bool = False, adapter: str | None = None,
+                  freeze_layers: int = 0, layer_lr_decay: float = 1.0, reinit_layers: int = 0,
+                  crf: bool = False) -> LoraSettings | None:
+    """The LoRA that train_finetune.py's --lora-* flags ask for (None: full fine-tuning, or an adapter, which
+    brings its own settings), checked against the flags that contradict it before any data is read.
+    alpha None is 2 x rank, dropout None 0.1, targets (comma-separated) None query,value."""
+    flags = {"--lora-rank": rank is not None, "--lora-alpha": alpha is not None, "--lora-dropout": dropout is not None,
+             "--lora-targets": targets is not None, "--lora-train-pooler": train_pooler}
+    given = [flag for flag, on in flags.items() if on]
+    if adapter is not None:
+        if given:
+            raise ValueError(f"{given[0]} with --lora-adapter: the adapter's adapter_config.json sets rank, alpha, "
+                             "dropout and targets; drop the flag")
+        read_adapter_config(adapter)  # a missing folder or an adapter minibert cannot compute: say so now
+    elif rank is None:
+        if given:
+            raise ValueError(f"{given[0]} needs --lora-rank R (LoRA of rank R, e.g. 8) or --lora-adapter DIR")
+        return None
+    # Other ways of choosing what trains: with LoRA their meaning would be unclear.
+    for flag, used in (("--freeze-layers", freeze_layers), ("--layer-lr-decay", layer_lr_decay != 1.0),
+                       ("--reinit-layers", reinit_layers)):
+        if used:
+            raise ValueError(f"{flag} with LoRA: LoRA already decides what trains (the LoRA weights and the head); "
+                             f"drop {flag}, or drop LoRA to fine-tune layers in full")
+    if crf:  # peft's token classifier is transformers' BertForTokenClassification, which has no CRF
+        raise ValueError("--crf with LoRA: a peft adapter cannot carry the CRF's transition scores; drop --crf, or drop "
+                         "LoRA to train the CRF with the whole model")
+    if adapter is not None:
+        return None
+    return LoraSettings(rank=rank, alpha=2.0 * rank if alpha is None else alpha, dropout=0.1 if dropout is None else dropout,
+                        targets=tuple(t.strip() for t in (targets or "query,value").split(",") if t.strip()),
+                        train_pooler=train_pooler)
+
+
+def adapter_head(adapter_dir: str) -> tuple[str, int]:
+    """Which classifier a LoRA adapter brings ("token" or "sequence") and its number of outputs."""
+    config = read_adapter_config(adapter_dir)
+    weight = read_adapter_weights(Path(adapter_dir)).get("base_model.model.classifier.weight")
+    if weight is None:
+        raise DataError(f"--predict-only: the adapter {adapter_dir} has no classifier to label with (it trained none); "
+                        "fine-tune it on labelled data first (drop --predict-only)")
+    return ("token" if config.get("task_type") == "TOKEN_CLS" else "sequence"), int(weight.shape[0])
+
+
+def adapter_model(init: str, adapter: str, *, task_type: str | None = None, overrides: dict | None = None) -> tuple:
+    """A LoRA adapter to predict with: `init` with the adapter merged in, its task type and labels (the
+    class ids: peft keeps no label names), and the tokenizer, as minibert.inference.ready_pipeline takes
+    them. The task type is the adapter's head's (one output is regression, HF's rule without a
+    problem_type); task_type="multilabel" says what an adapter cannot tell. overrides: BertConfig fields."""
+    init_dir = resolve_model_dir(init)
+    kind, num_labels = adapter_head(adapter)
+    if kind == "token":
+        chosen = "token-classification"
+    elif task_type == "multilabel":  # an adapter cannot tell, the user can
+        chosen = "multilabel"
+    else:
+        chosen = "regression" if num_labels == 1 else "classification"  # HF's rule without a problem_type
+    model = model_class(chosen).from_pretrained(str(init_dir), verbose=False, reinit_head=True, num_labels=num_labels,
+                                                **(overrides or {}))
+    merged = LoraModel.from_adapter(model, adapter, base=init).merged_model()
+    labels = None if chosen == "regression" else [str(i) for i in range(num_labels)]
+    return merged, load_tokenizer(init_dir), chosen, labels
 
 
 # ----------------------------------------------------------------------------- the training loop

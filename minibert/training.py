@@ -17,6 +17,7 @@ What is here and why:
 - Per-rank randomness under torchrun: each rank seeds its dropout from (seed, rank), and checkpoints keep
   every rank's random states.
 - metrics.jsonl logging (minibert.curves draws it).
+- start_training: a script's run begun the same way by both scripts (its settings saved, a resume or a clean folder).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from minibert import precision as precisions
-from minibert.atomic_write import atomic_write_text
+from minibert.atomic_write import atomic_write_text, write_json
 from minibert.embedding_grad import keep_embedding_gradients
 from minibert.runs import (
     CHECKPOINT,
@@ -45,6 +46,7 @@ from minibert.runs import (
     find_checkpoint,
     read_training_state,
     remove_checkpoint,
+    remove_earlier_results,
     remove_temporary_files,
     rng_state,
     set_rng_state,
@@ -380,6 +382,28 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- a script's run
+
+
+def start_training(cfg, model: nn.Module, settings: TrainingSettings, total_steps: int, dist: Distributed, *,
+                   record_file: str, resolved: dict, loss_fn=None) -> tuple[Trainer, TrainState, dict]:
+    """Start one run of a script: the Trainer, the state to start from (its checkpoint's when cfg.resume), and
+    the run's record, saved as --output-dir/record_file. cfg is the script's settings dataclass
+    (FinetuneConfig, PretrainConfig); the record holds it as given (what --resume compares and restores),
+    then under "resolved" what it resolved to. A new run first removes the results an earlier one left
+    there (minibert.runs.remove_earlier_results)."""
+    out_dir = Path(cfg.output_dir)
+    trainer = Trainer(model, settings, total_steps, out_dir, dist, loss_fn=loss_fn)
+    run_config = {**asdict(cfg), "resolved": {"precision": settings.precision, "world_size": dist.world_size, **resolved}}
+    state = trainer.resume() if cfg.resume else TrainState()
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:
+            remove_earlier_results(out_dir)
+        write_json(out_dir / record_file, run_config)
+    return trainer, state, run_config
 
 
 def check_attention_backend(attn_impl: str | None, device: torch.device) -> None:
