@@ -17,14 +17,12 @@ benchmarks/results/attributions.json and the explained cases to explanations.htm
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import add_run_flags, measured_on, output_path, write_result
 from minibert import assets
 from minibert.attributions import explain_sequence
 from minibert.calibration import probabilities, temperature_from_config
@@ -49,12 +47,11 @@ def lexicon() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a model fine-tuned on the built-in task (make finetune's run)")
-    parser.add_argument("--quick", action="store_true", help="30 clear cases instead of 200")
-    parser.add_argument("--out", default=None)
+    add_run_flags(parser, "attributions", quick="30 clear cases instead of 200")
     args = parser.parse_args()
-    out = Path(args.out or ("runs/attributions-quick.json" if args.quick else "benchmarks/results/attributions.json"))
+    out = output_path(args, "attributions")
     limit = 30 if args.quick else 200
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model = BertForSequenceClassification.from_pretrained(args.model, verbose=False).eval()
     tokenizer = load_tokenizer(args.model)
     tokenizer.enable_truncation(128)
@@ -93,13 +90,12 @@ def main() -> None:
         records.append({"text": ex.text, **result, **record, "gold": ex.label})
     hits = sum(c["hit"] for c in cases)
     loose = sum(c["any_polar_hit"] for c in cases)
-    result = {"what": "clear test cases whose largest attribution is their strongest polar word (VADER lexicon)",
+    result = {**measured_on(args.threads),
+              "what": "clear test cases whose largest attribution is their strongest polar word (VADER lexicon)",
               "model": args.model, "temperature": temperature, "clear_cases": len(cases), "hits": hits,
               "any_polar_word_hits": loose, "complete": sum(c["complete"] for c in cases),
-              "seconds": round(time.perf_counter() - started, 1), "cases": cases,
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+              "seconds": round(time.perf_counter() - started, 1), "cases": cases}
+    write_result(out, result)
     page = write_page(out.with_suffix(".html"), records)
     print(f"{hits} of {len(cases)} clear cases: the largest attribution is the strongest polar word "
           f"({loose} any polar word of the label's direction; {np.mean([c['complete'] for c in cases]):.0%} complete)")

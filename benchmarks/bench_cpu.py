@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 
+from _common import add_run_flags, measured_on, output_path, write_result
 import minibert
 from minibert.assets import minilm_dir, movie_reviews_file
 
@@ -101,9 +98,7 @@ def main(argv=None):
     parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
                         help="default: fp32, and bf16 where the CPU has native bf16")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="MiniLM, the batch of 32 real lengths, 3 repeats")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/cpu.json (--quick: runs/cpu-quick.json)")
+    add_run_flags(parser, "cpu", quick="MiniLM, the batch of 32 real lengths, 3 repeats")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.batches, args.repeats = ["minilm"], ["variable 32"], 3
@@ -112,7 +107,7 @@ def main(argv=None):
     if "bf16" not in precisions and not native:
         print("bf16 left out: this CPU has neither AMX nor AVX512-BF16, so torch emulates bf16, 5-12x slower than fp32 "
               "(--precisions fp32 bf16 runs it anyway)")
-    out = Path(args.out or ("runs/cpu-quick.json" if args.quick else Path(__file__).parent / "results" / "cpu.json"))
+    out = output_path(args, "cpu")
     torch.set_num_threads(args.threads)
 
     rng = np.random.default_rng(0)
@@ -152,11 +147,9 @@ def main(argv=None):
         if (row["size"], row["batch"], row["pass"], row["precision"]) == ("minilm", "variable 32", "forward+backward", "bf16"):
             print(f"target: MiniLM forward+backward, 32 real lengths, bf16: minibert {1 / row['ratio_vs_sdpa']:.2f}x "
                   "transformers-sdpa (target >= 1.6x)")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, {args.threads} threads", "cpu_native_bf16": native, "torch": torch.__version__,
-              "transformers": transformers.__version__, "repeats": args.repeats, "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {**measured_on(args.threads), "cpu_native_bf16": native, "transformers": transformers.__version__,
+              "repeats": args.repeats, "rows": rows}
+    write_result(out, result)
     print(f"wrote {out}")
 
 

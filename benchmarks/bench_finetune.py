@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 import transformers
 
+from _common import add_run_flags, measured_on, output_path, write_result
 import bf16_emulation
 import train_finetune
 from minibert import training
@@ -218,20 +218,18 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     parser.add_argument("--epochs", type=int, default=train_finetune.FinetuneConfig.epochs)
     parser.add_argument("--max-train-examples", type=int, default=0, help="train on a seeded subset (0 = all)")
-    parser.add_argument("--quick", action="store_true", help="one seed, 640 training examples, one epoch: about 2 minutes")
     parser.add_argument("--minibert-args", default="", help="more train_finetune.py flags, e.g. --minibert-args=--no-group-by-length (with the =)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--same-batches", action="store_true", help="give transformers minibert's length-grouped batches")
     parser.add_argument("--aligned", action="store_true",
                         help="take every difference of randomness away (same batches, same initial classifier, dropout "
                              "off): then runs of the same precision must reach the same accuracy, and their losses are "
                              "compared step by step")
     parser.add_argument("--output-dir", default="runs/bench-finetune")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/finetune.json (--quick: runs/finetune-quick.json)")
+    add_run_flags(parser, "finetune", quick="one seed, 640 training examples, one epoch: about 2 minutes")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.max_train_examples = args.seeds[:1], 1, args.max_train_examples or 640
-    out = Path(args.out or ("runs/finetune-quick.json" if args.quick else Path(__file__).parent / "results" / "finetune.json"))
+    out = output_path(args, "finetune")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -240,11 +238,10 @@ def main(argv=None):
         args.same_batches = True
         extra += ["--dropout", "0"]
     emulate = args.bf16_matmuls == "emulated" or (args.bf16_matmuls == "auto" and not cpu_has_native_bf16())
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-              f"{args.threads} threads", "cpu_native_bf16": cpu_has_native_bf16(), "minibert_auto_is": auto_system(),
+    result = {**measured_on(args.threads), "cpu_native_bf16": cpu_has_native_bf16(), "minibert_auto_is": auto_system(),
               "bf16_matmuls": "emulated" if emulate else "native",
               "bf16_emulation_check": bf16_emulation.self_check() if emulate else None,
-              "torch": torch.__version__, "transformers": transformers.__version__, "command": sys.argv[1:] if argv is None else argv,
+              "transformers": transformers.__version__, "command": sys.argv[1:] if argv is None else argv,
               "minibert_args": args.minibert_args,
               "transformers_batches": "length-grouped (minibert's)" if args.same_batches else "shuffled, padded to longest",
               "aligned": args.aligned, "runs": []}
@@ -276,8 +273,7 @@ def main(argv=None):
                         "max": max(gaps), "first_10_max": max(gaps[:10]), "steps": len(gaps)}
             losses[system, run["precision"]] = run_losses
             result["summary"] = summarize(result["runs"])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n")
+            write_result(out, result)
 
     summary = result["summary"]
     print(f"\n{'':20s}{'precision':>10s}{'test acc (mean +- sd)':>24s}{'wall s':>9s}{'train ex/s':>12s}")

@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from _common import add_run_flags, measured_on, output_path, write_result
 import train_finetune
 from minibert import BertForSequenceClassification
 from minibert.assets import minilm_dir
@@ -145,19 +145,18 @@ def time_steps(batches: list[dict], rounds: int, peft_available: bool) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 10 steps a run, 1 timing round: about a minute")
+    add_run_flags(parser, "lora", quick="1 seed, 10 steps a run, 1 timing round: about a minute",
+                  quick_out="runs/bench-lora-quick.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-batches", type=int, default=8, help="batches per timing round")
     parser.add_argument("--timing-rounds", type=int, default=5)
     parser.add_argument("--output-dir", default="runs/bench-lora")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/lora.json (--quick: runs/bench-lora-quick.json)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds, args.timing_batches, args.timing_rounds = args.seeds[:1], 2, 1
-    out = Path(args.out or ("runs/bench-lora-quick.json" if args.quick else Path(__file__).parent / "results" / "lora.json"))
+    out = output_path(args, "lora", quick_out="runs/bench-lora-quick.json")
     try:
         import peft  # noqa: F401
 
@@ -166,14 +165,12 @@ def main(argv=None):
         peft_available = False
         print("peft is not installed: the peft-on-transformers column is left out (pip install peft)")
 
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-              f"{args.threads} threads", "torch": torch.__version__, "quick": args.quick,
+    result = {**measured_on(args.threads), "quick": args.quick,
               "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "dropout": LORA.dropout, "targets": list(LORA.targets)},
               "runs": {kind: [] for kind in RUNS}}
 
     def write():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(out, result)
 
     batches = training_batches(args.timing_batches)
     result["timing"] = time_steps(batches, args.timing_rounds, peft_available)

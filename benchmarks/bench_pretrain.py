@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from _common import add_run_flags, measured_on, output_path, write_result
 import train_pretrain
 
 PRESET_FLAGS = {"tiny": ["--preset", "tiny"], "mini": ["--preset", "mini", "--seq-len", "64", "--batch-size", "32"]}
@@ -50,17 +48,14 @@ def main(argv=None):
     parser.add_argument("--presets", nargs="+", default=["tiny", "mini"], choices=list(PRESET_FLAGS))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3, help="runs of each precision, alternating")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny, 40 steps, one run of each")
+    add_run_flags(parser, "pretrain", quick="tiny, 40 steps, one run of each")
     parser.add_argument("--output-dir", default="runs/bench-pretrain")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/pretrain.json (--quick: runs/pretrain-quick.json)")
     args = parser.parse_args(argv)
     if args.quick:
         args.presets, args.steps, args.runs = ["tiny"], 40, 1
-    out = Path(args.out or ("runs/pretrain-quick.json" if args.quick else Path(__file__).parent / "results" / "pretrain.json"))
+    out = output_path(args, "pretrain")
     torch.set_num_threads(args.threads)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-              "cpu_native_bf16": cpu_has_native_bf16(), "torch": torch.__version__, "steps": args.steps, "presets": {}}
+    result = {**measured_on(args.threads), "cpu_native_bf16": cpu_has_native_bf16(), "steps": args.steps, "presets": {}}
     for preset in args.presets:
         runs = {"fp32": [], "auto": []}
         for i in range(args.runs):
@@ -73,8 +68,7 @@ def main(argv=None):
                                      "auto_tokens_per_s": auto, "auto_over_fp32": auto / fp32}
         print(f"{preset}: auto ({runs['auto'][0]['precision']}) {auto:.0f} tokens/s, fp32 {fp32:.0f} tokens/s: "
               f"{auto / fp32:.2f}x", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(out, result)
     print(f"wrote {out}")
 
 

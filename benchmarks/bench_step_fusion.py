@@ -25,16 +25,13 @@ ratios. Writes benchmarks/results/step-fusion.json (--quick: runs/step-fusion-qu
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import add_run_flags, measured_on, output_path, write_result
 from bench_cpu import make_batch, movie_review_lengths
 from profile_step import build, train_step
 from minibert.precision import cpu_has_native_bf16
@@ -69,14 +66,12 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--batches", type=int, default=4, help="distinct batch shapes, cycled")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="fp32, eager against compile-layers, 3 batches, 3 rounds")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/step-fusion.json (--quick: runs/step-fusion-quick.json)")
+    add_run_flags(parser, "step-fusion", quick="fp32, eager against compile-layers, 3 batches, 3 rounds")
     args = parser.parse_args(argv)
     if args.quick:
         args.precisions, args.variants, args.batches, args.rounds = ["fp32"], ["eager", "compile-layers"], 3, 3
     precisions = args.precisions or (["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"])
-    out = Path(args.out or ("runs/step-fusion-quick.json" if args.quick else Path(__file__).parent / "results" / "step-fusion.json"))
+    out = output_path(args, "step-fusion")
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     all_lengths = movie_review_lengths()
@@ -85,9 +80,7 @@ def main(argv=None):
         ids, mask = make_batch(sorted(rng.choice(all_lengths, 32).tolist(), reverse=True), seed=i)
         batches.append({"input_ids": ids, "attention_mask": mask,
                         "labels": torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(i))})
-    result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "size": args.size,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-              "cpu_native_bf16": cpu_has_native_bf16(), "batch_tokens": [int(b["attention_mask"].sum()) for b in batches],
+    result = {**measured_on(args.threads), "size": args.size, "cpu_native_bf16": cpu_has_native_bf16(), "batch_tokens": [int(b["attention_mask"].sum()) for b in batches],
               "results": {}}
     for precision in precisions:
         trainers, warmup = {}, {}
@@ -118,8 +111,7 @@ def main(argv=None):
                   f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})  warm-up {s['seconds']:.0f} s, "
                   f"{s['graphs_compiled']} graphs, {s['graphs_compiled_after_warmup']} more after", flush=True)
         result["results"][precision] = rows
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(out, result)
     print(f"wrote {out}")
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import add_run_flags, measured_on, output_path, write_result
 import train_finetune
 from minibert import assets
 from minibert.calibration import calibration_metrics, fit_temperature
@@ -82,21 +82,19 @@ def evaluate(model_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a model fine-tuned on the built-in task (default: fine-tune one)")
-    parser.add_argument("--quick", action="store_true", help="fine-tune on 1,600 sentences for 2 epochs")
-    parser.add_argument("--out", default=None)
+    add_run_flags(parser, "calibration", quick="fine-tune on 1,600 sentences for 2 epochs")
     args = parser.parse_args()
-    out = Path(args.out or ("runs/calibration-quick.json" if args.quick else "benchmarks/results/calibration.json"))
-    torch.set_num_threads(2)
+    out = output_path(args, "calibration")
+    torch.set_num_threads(args.threads)
     model_dir = args.model
     if model_dir is None:
         quick = ["--max-train-examples", "1600", "--epochs", "2"] if args.quick else []
         model_dir = train_finetune.main([*quick, "--no-progress", "--output-dir",
                                          f"runs/calibration/movie-reviews{'-quick' if args.quick else ''}"])["output_dir"]
-    result = {"what": "MiniLM fine-tuned on movie-review polarity: test calibration before and after the temperature "
-                      "fitted on its validation set", "quick": args.quick, **evaluate(Path(model_dir)),
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {**measured_on(args.threads),
+              "what": "MiniLM fine-tuned on movie-review polarity: test calibration before and after the temperature "
+                      "fitted on its validation set", "quick": args.quick, **evaluate(Path(model_dir))}
+    write_result(out, result)
     print(f"wrote {out}")
 
 

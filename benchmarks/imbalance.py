@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import add_run_flags, measured_on, output_path, write_result
 import train_finetune
 from minibert.data.tasks import movie_reviews
 
@@ -48,14 +48,13 @@ def write_csv(path: Path, examples: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed, 1,200 training sentences, 1 epoch")
+    add_run_flags(parser, "imbalance", quick="one seed, 1,200 training sentences, 1 epoch")
     parser.add_argument("--ratio", type=int, default=10, help="majority examples per minority example")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1])
-    out = Path(args.out or ("runs/imbalance-quick.json" if args.quick else "benchmarks/results/imbalance.json"))
-    torch.set_num_threads(2)
+    out = output_path(args, "imbalance")
+    torch.set_num_threads(args.threads)
 
     data_dir = Path("runs/imbalance-data")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -95,11 +94,9 @@ def main() -> None:
         mine = [r for r in runs if r["class_weights"] == weights]
         summary[weights] = {key: round(float(np.mean([r[key] for r in mine])), 4)
                             for key in ("minority_recall", "minority_precision", "minority_f1", "macro_f1", "accuracy")}
-    result = {"task": f"movie-review polarity, positive class cut to 1:{args.ratio}", "examples": counts, "seeds": seeds,
-              "quick": args.quick, "runs": runs, "mean": summary, "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {**measured_on(args.threads), "task": f"movie-review polarity, positive class cut to 1:{args.ratio}",
+              "examples": counts, "seeds": seeds, "quick": args.quick, "runs": runs, "mean": summary}
+    write_result(out, result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 

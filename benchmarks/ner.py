@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # shakespeare_ner beside this file
+from _common import add_run_flags, measured_on, output_path, write_result  # noqa: E402
 import shakespeare_ner  # noqa: E402
 
 import train_finetune  # noqa: E402
@@ -72,12 +72,11 @@ def invalid_share(predictions: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    add_run_flags(parser, "ner", quick="1,500 training sentences instead of 6,000")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    out = Path(args.out or ("runs/ner-quick.json" if args.quick else "benchmarks/results/ner.json"))
-    torch.set_num_threads(2)
+    out = output_path(args, "ner")
+    torch.set_num_threads(args.threads)
     data = Path("runs/ner-data-quick" if args.quick else "runs/ner-data")
     # (600 sentences for one epoch, 19 steps, leave MiniLM predicting O everywhere: F1 0 for every decoder)
     counts = shakespeare_ner.build(data, max_train=1500 if args.quick else 6000, seed=args.seed)
@@ -110,13 +109,11 @@ def main() -> None:
     runs["crf_argmax"] = relabel("crf-unconstrained", "crf", "conll", "--no-constrained-decoding")
     for name, scores in runs.items():
         print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items() if k != "per_class"})
-    result = {"data": "Shakespeare NER (benchmarks/shakespeare_ner.py), PER and LOC, BIO", "sentences": counts,
+    result = {**measured_on(args.threads), "data": "Shakespeare NER (benchmarks/shakespeare_ner.py), PER and LOC, BIO", "sentences": counts,
               "quick": args.quick, "seed": args.seed, "runs": runs,
               "conll_equals_spans": abs(runs["conll"]["f1"] - runs["spans"]["f1"]) < 1e-9
-                                    and abs(runs["spans"]["f1"] - runs["spans"]["span_f1_from_predictions"]) < 1e-9,
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+                                    and abs(runs["spans"]["f1"] - runs["spans"]["span_f1_from_predictions"]) < 1e-9}
+    write_result(out, result)
     print(f"wrote {out}")
 
 

@@ -18,18 +18,15 @@ runs/profile-quick.json).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from _common import add_run_flags, measured_on, output_path, write_result
 import minibert
 from bench_cpu import SIZES, make_batch, movie_review_lengths
 from minibert.training import Trainer, TrainingSettings
@@ -148,13 +145,11 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", default=["minilm", "bert-base"], choices=list(SIZES))
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per size (and as many timed without the profiler)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="MiniLM in bf16 only, 2 profiled steps")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/profile.json (--quick: runs/profile-quick.json)")
+    add_run_flags(parser, "profile", quick="MiniLM in bf16 only, 2 profiled steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.precisions, args.steps = ["minilm"], ["bf16"], 2
-    out = Path(args.out or ("runs/profile-quick.json" if args.quick else Path(__file__).parent / "results" / "profile.json"))
+    out = output_path(args, "profile")
     torch.set_num_threads(args.threads)
     lengths = sorted(np.random.default_rng(0).choice(movie_review_lengths(), 32).tolist(), reverse=True)  # bench_cpu's "variable 32"
     ids, mask = make_batch(lengths)
@@ -164,10 +159,7 @@ def main(argv=None):
         for precision in args.precisions:
             results.append(profile_size(size, precision, batch, args.steps))
             print_table(results[-1])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-                                       "lengths": lengths, "results": results}, indent=2) + "\n")
+            write_result(out, {**measured_on(args.threads), "lengths": lengths, "results": results})
     print(f"wrote {out}")
 
 
