@@ -48,7 +48,8 @@ tags and entities); metrics.jsonl; training_curves.png;
 finetune_config.json (the resolved settings); checkpoint/ while the run is in progress (for --resume). A LoRA
 run's model is the merged one (a plain BERT), and adapter/ holds the adapter in peft's format. test_results.json
 has ece, brier, nll before and after temperature scaling for classifiers (the temperature is in config.json), and
-reliability.png shows them; with --seeds, seeds/seed-N/ per run and seeds_results.json.
+reliability.png shows them; with --seeds, seeds/seed-N/ per run and seeds_results.json (and while the seeds run,
+seeds/run_config.json and seeds/seed-N.json for the seeds finished: a stopped --seeds run continues too).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ import torch
 from minibert import evaluation as E
 from minibert import finetuning as F
 from minibert import inference as I
+from minibert import seeds as S
 from minibert.assets import MINILM_HUB_ID
 from minibert.calibration import CONFIG_KEY as TEMPERATURE_KEY
 from minibert.class_weights import class_weights, weighted_loss
@@ -74,8 +76,7 @@ from minibert.hub import resolve_model_dir
 from minibert.inference import TAG_SCHEME_KEY, THRESHOLDS_KEY
 from minibert.lora import LoraSettings
 from minibert.metrics import MAIN_METRIC, METRICS
-from minibert.runs import hold_output_dir, remove_earlier_results, resolve_resume
-from minibert.seeds import parse_seeds, run_seeds
+from minibert.runs import absolute_paths, hold_output_dir, remove_earlier_results, resolve_resume
 from minibert.tagging import SCHEMES, detect_scheme
 from minibert.tokenizer import load_tokenizer
 from minibert.training import (
@@ -431,26 +432,39 @@ def main(argv: list[str] | None = None, *, _stop_after_steps: int | None = None)
     if (cfg.explain or cfg.explain_target is not None) and not cfg.predict_only:
         raise ValueError("--explain explains the predictions of --predict-only: add --predict-only, with the fine-tuned "
                          "model as --init and the texts as --test-file")
-    if cfg.seeds is not None:
+    # A folder with an unfinished --seeds run: that run's rules (the same command or --resume continues it).
+    if cfg.seeds is not None or (not cfg.predict_only and S.find_unfinished_run(cfg.output_dir) is not None):
         return finetune_seeds(cfg)
     return finetune(cfg, _stop_after_steps=_stop_after_steps)
 
 
 def finetune_seeds(cfg: FinetuneConfig) -> dict:
-    """--seeds: one fine-tuning per seed on the same data, in turn (minibert.seeds); the best kept in --output-dir."""
-    seeds = parse_seeds(cfg.seeds)
+    """--seeds: one fine-tuning per seed on the same data, in turn (minibert.seeds); the best kept in --output-dir.
+    A stopped --seeds run continues as a single run does, skipping the seeds that finished."""
+    if cfg.seeds is not None:
+        S.parse_seeds(cfg.seeds)  # a bad list stops before the folder is touched
     if cfg.predict_only:
         raise ValueError("--seeds fine-tunes once per seed, and --predict-only trains nothing: drop one of them")
-    data_seed = seeds[0] if cfg.data_seed is None else cfg.data_seed
     dist = setup_distributed(cfg.device)
     with hold_output_dir(cfg.output_dir, dist):
-        if dist.is_main:
+        out_dir = Path(cfg.output_dir)
+        if cfg.resume and S.find_unfinished_run(out_dir) is None and not (out_dir / S.RESULTS_FILE).is_file():
+            raise FileNotFoundError(f"--resume: no --seeds run in {out_dir} to continue (expected "
+                                    f"{out_dir / S.SEEDS_DIR / S.RUN_CONFIG}); drop --resume to start one")
+        resolve_resume(cfg, S.find_unfinished_run)  # may set cfg.resume, and with --resume restore the run's --seeds
+        seeds = S.parse_seeds(cfg.seeds)
+        dist.barrier()  # every rank has decided whether the run continues before the main one writes
+        if dist.is_main and not cfg.resume:
             remove_earlier_results(cfg.output_dir)
+            S.start_run(cfg.output_dir, absolute_paths(dataclasses.asdict(cfg)))
+        data_seed = seeds[0] if cfg.data_seed is None else cfg.data_seed
 
         def run_one(seed: int, directory: Path) -> dict:
-            return finetune(dataclasses.replace(cfg, seed=seed, seeds=None, data_seed=data_seed, output_dir=str(directory)))
+            # resume=False: a seed's own folder decides, as for any run (the stopped seed continues from its checkpoint)
+            return finetune(dataclasses.replace(cfg, seed=seed, seeds=None, data_seed=data_seed, output_dir=str(directory),
+                                                resume=False))
 
-        summary = run_seeds(seeds, run_one, cfg.output_dir, is_main=dist.is_main, barrier=dist.barrier)
+        summary = S.run_seeds(seeds, run_one, cfg.output_dir, resume=cfg.resume, is_main=dist.is_main, barrier=dist.barrier)
     best = summary["runs"][str(summary["best_seed"])]
     return {"eval": best["eval"], "test": best["test"], "output_dir": cfg.output_dir, "main_metric": summary["metric"],
             "seeds": summary}

@@ -7,6 +7,7 @@
     DIR/.checkpoint.tmp/, .checkpoint.old/   only while a checkpoint is being swapped in
     DIR/.minibert-run.lock     held by the live run (its pid and host)
     DIR/config.json, model.safetensors, ...  a finished run's model, and RUN_RESULT_FILES beside it
+    DIR/seeds/                 a --seeds run's runs, one folder each, and its settings while unfinished (minibert.seeds)
 
 Why each rule:
 - Atomic checkpoints: a new one is written beside the old and swapped in by renames (Trainer.save_checkpoint),
@@ -156,12 +157,13 @@ def _changed_settings(settings, saved: dict, given: frozenset | None) -> list[st
             and _comparable(getattr(settings, f.name)) != _comparable(saved[f.name])]
 
 
-def settings_to_resume(settings, output_dir: str | Path) -> None:
+def settings_to_resume(settings, output_dir: str | Path, find_unfinished=find_checkpoint) -> None:
     """--resume continues a run as it was started: the settings saved with its checkpoint fill in every flag
     not typed again, and a typed flag that would change what is trained is an error, not a silent splice
-    (a new --max-steps would bend the schedule; new data would be trained under the old labels)."""
+    (a new --max-steps would bend the schedule; new data would be trained under the old labels).
+    find_unfinished(output_dir) is the folder holding an unfinished run's run_config.json (see resolve_resume)."""
     output_dir = Path(output_dir)
-    checkpoint = find_checkpoint(output_dir)
+    checkpoint = find_unfinished(output_dir)
     if checkpoint is None:
         if (output_dir / "model.safetensors").is_file():
             raise FileNotFoundError(
@@ -184,16 +186,18 @@ def settings_to_resume(settings, output_dir: str | Path) -> None:
             setattr(settings, f.name, saved[f.name])
 
 
-def resolve_resume(settings) -> None:
+def resolve_resume(settings, find_unfinished=find_checkpoint) -> None:
     """Decide whether this run continues the one in --output-dir, and with which settings, so that a new
     run never mixes with an old one. --resume takes the old run's settings (settings_to_resume). Where a
     killed run left its checkpoint, the same command again continues it (it sets settings.resume), and a
     changed one stops with an error rather than throw that work away. Call it holding the folder
-    (hold_output_dir), so that the run it looks at is not a live one."""
+    (hold_output_dir), so that the run it looks at is not a live one. find_unfinished(output_dir) finds the
+    folder where an unfinished run keeps the settings it was started with (run_config.json), or None: its
+    checkpoint, or for a --seeds run DIR/seeds (minibert.seeds.find_unfinished_run)."""
     output_dir = Path(settings.output_dir)
     if settings.resume:
-        return settings_to_resume(settings, output_dir)
-    checkpoint = find_checkpoint(output_dir)
+        return settings_to_resume(settings, output_dir, find_unfinished)
+    checkpoint = find_unfinished(output_dir)
     if checkpoint is not None:
         saved = _saved_settings(checkpoint)
         changed = ["its settings are unknown"] if saved is None else _changed_settings(settings, saved, None)

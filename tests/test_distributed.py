@@ -159,16 +159,29 @@ def test_pretrain_under_torchrun(tiny_init_dir, tmp_path, monkeypatch):
     check_ranks_and_resume(tmp_path, "pretrain", args, stop_after=3, resumed_from=2)
 
 
+def assert_close_results(got, expected, where="results"):
+    """Nested results (seeds_results.json): every number within 1e-6, everything else equal."""
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            assert_close_results(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-6), where
+    else:
+        assert got == expected, where
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, flags", [
-    ("full", ["--lr", "1e-2"]),
+    ("full, --seeds", ["--lr", "1e-2", "--seeds", "3,5"]),
     ("lora", ["--lr", "5e-2", "--lora-rank", 4, "--lora-targets", "query,value,down", "--lora-dropout", 0]),
 ])
 def test_finetune_two_processes_equal_one_process_with_the_same_global_batch(tiny_init_dir, tmp_path, method, flags):
     """torchrun with 2 processes of 4 examples against one process taking 2 accumulation steps of 4: with
     8 training examples each step takes all of them (one global batch an epoch), so which rank holds which
     example does not matter, and the two runs must agree in losses, evaluations and weights (a LoRA run's
-    merged model and its adapter). Dropout is off, LoRA's too: each rank draws its own masks, by design."""
+    merged model and its adapter; with --seeds, each seed's run, the kept one and seeds_results.json).
+    Dropout is off, LoRA's too: each rank draws its own masks, by design."""
     import torch
     from safetensors.torch import load_file
 
@@ -178,24 +191,40 @@ def test_finetune_two_processes_equal_one_process_with_the_same_global_batch(tin
     data = tmp_path / "train.csv"
     args = ["--init", tiny_init_dir, "--train-file", data, "--validation-file", data, "--batch-size", 4, "--epochs", 3,
             "--warmup-ratio", 0, "--dropout", 0, "--precision", "fp32", "--no-progress", *flags]
-    train_finetune.main([*map(str, args), "--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
+    # One thread, as each torchrun process has (OMP_NUM_THREADS=1): a matrix product split over two threads rounds
+    # otherwise, and AdamW, which divides each gradient element by its own running size, turns a last-bit
+    # difference in an element whose gradients nearly cancel into ~1e-5 in its weight.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_finetune.main([*map(str, args), "--grad-accum", "2", "--output-dir", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
     run([*TORCHRUN, str(ROOT / "train_finetune.py"), *map(str, args), "--output-dir", str(tmp_path / "two")])
 
     def logged(out, split):
         return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
     one, two = tmp_path / "one", tmp_path / "two"
-    assert [r["step"] for r in logged(two, "train")] == [1, 2, 3]
-    for split, key in (("train", "loss"), ("eval", "accuracy")):
-        assert [r[key] for r in logged(two, split)] == pytest.approx([r[key] for r in logged(one, split)], abs=1e-6)
+    runs = ["seeds/seed-3", "seeds/seed-5", "."] if "--seeds" in flags else ["."]  # "." with --seeds: the kept run
     weights = ["model.safetensors"] + (["adapter/adapter_model.safetensors"] if method == "lora" else [])
-    for name in weights:
-        a, b = load_file(one / name), load_file(two / name)
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
-    losses = [r["loss"] for r in logged(one, "train")]
-    assert abs(losses[2] - losses[0]) > 1e-4  # it trained: a run that took no step would agree as well
+    for folder in runs:
+        assert [r["step"] for r in logged(two / folder, "train")] == [1, 2, 3], folder
+        for split, key in (("train", "loss"), ("eval", "accuracy")):
+            assert [r[key] for r in logged(two / folder, split)] == pytest.approx(
+                [r[key] for r in logged(one / folder, split)], abs=1e-6), folder
+        for name in weights:
+            a, b = load_file(one / folder / name), load_file(two / folder / name)
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{folder}/{name}: {key}")
+        losses = [r["loss"] for r in logged(one / folder, "train")]
+        assert abs(losses[2] - losses[0]) > 1e-4  # it trained: a run that took no step would agree as well
+    if "--seeds" in flags:
+        assert logged(one / runs[0], "train") != logged(one / runs[1], "train")  # the seeds make different runs
+        assert_close_results(json.loads((two / "seeds_results.json").read_text()),
+                             json.loads((one / "seeds_results.json").read_text()))
+        assert not (two / "seeds" / "run_config.json").exists()  # finished: nothing left to continue
     if method == "lora":  # and the adapter of the 2-process run is one that peft reads as minibert wrote it
         peft = pytest.importorskip("peft")
         base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir, num_labels=2)

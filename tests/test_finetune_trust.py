@@ -207,6 +207,69 @@ def test_seeds_equal_each_seed_run_alone_and_the_best_is_kept(tiny_init_dir, tmp
     assert (tmp_path / "seeds" / "seeds" / f"seed-{other}" / "model.safetensors").is_file()
 
 
+class Killed(Exception):
+    """Stands for a kill: nothing after it runs."""
+
+
+def test_a_stopped_seeds_run_continues_without_training_its_finished_seeds_again(tiny_init_dir, tmp_path, monkeypatch,
+                                                                                  caplog):
+    """A --seeds run stopped inside its second seed, continued by the same command and stopped inside its third,
+    then by --resume alone, ends as an uninterrupted run: the same seeds_results.json and weights, each seed
+    trained once (the stopped ones continued from their checkpoints), the first seed's files never touched."""
+    train = write_csv(tmp_path / "train.csv", noisy_rows(24, 6))
+    argv = ["--init", str(tiny_init_dir), "--train-file", str(train), "--validation-file", str(train), "--batch-size", "4",
+            "--lr", "1e-3", "--max-steps", "4", "--eval-steps", "2", "--seeds", "3,1,2", "--no-progress"]
+    train_finetune.main([*argv, "--output-dir", str(tmp_path / "whole")])
+    finetune, trained = train_finetune.finetune, []  # the seeds a start of the run trains, in order
+
+    def stop_inside(stopped_seed):
+        def run_or_stop(cfg, **kwargs):
+            trained.append(cfg.seed)
+            if cfg.seed != stopped_seed:
+                return finetune(cfg, **kwargs)
+            assert finetune(cfg, _stop_after_steps=3) == {"stopped_at": 3}  # its checkpoint: step 2's evaluation
+            raise Killed
+        monkeypatch.setattr(train_finetune, "finetune", run_or_stop)
+
+    out = tmp_path / "stopped"
+    stop_inside(1)
+    with pytest.raises(Killed):
+        train_finetune.main([*argv, "--output-dir", str(out)])
+    assert trained == [3, 1]
+    first = {path: path.stat().st_mtime_ns for path in (out / "seeds" / "seed-3").rglob("*")}
+    assert out / "seeds" / "seed-3" / "model.safetensors" in first
+    # A changed setting is the single run's one-line error, and starts nothing.
+    with pytest.raises(FileExistsError, match=r"holds an unfinished run, and this one differs \(--lr 0.002 \(the run "
+                                              r"has 0.001\)\): add --resume .* or delete .*seeds to start over"):
+        train_finetune.main([*argv, "--lr", "2e-3", "--output-dir", str(out)])
+    with pytest.raises(FileExistsError, match=r"differs \(--seeds 3,1 \(the run has 3,1,2\)\)"):
+        train_finetune.main([*argv[:-3], "--seeds", "3,1", "--no-progress", "--output-dir", str(out)])
+    trained.clear()
+    stop_inside(2)
+    with caplog.at_level(logging.INFO, logger="minibert"), pytest.raises(Killed):
+        train_finetune.main([*argv, "--output-dir", str(out)])  # the same command
+    assert trained == [1, 2]
+    assert "seed 3 (1 of 3) finished before" in caplog.text
+    assert f"continuing the unfinished run in {out / 'seeds' / 'seed-1'}" in caplog.text
+    trained.clear()
+    stop_inside(None)
+    summary = train_finetune.main(["--output-dir", str(out), "--resume", "--no-progress"])["seeds"]
+    assert trained == [2]
+    whole = json.loads((tmp_path / "whole" / "seeds_results.json").read_text())
+    assert json.loads((out / "seeds_results.json").read_text()) == whole == json.loads(json.dumps(summary))
+    assert len({json.dumps(run["eval"]) for run in whole["runs"].values()}) == 3  # three different runs were compared
+    for folder in ("seeds/seed-3", "seeds/seed-1", "seeds/seed-2", "."):
+        a, b = load_file(tmp_path / "whole" / folder / "model.safetensors"), load_file(out / folder / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+        logged = [(tmp_path / "whole" / folder / "metrics.jsonl").read_text(), (out / folder / "metrics.jsonl").read_text()]
+        assert logged[0] == logged[1], folder  # every loss and evaluation, to the bit
+    assert {path: path.stat().st_mtime_ns for path in (out / "seeds" / "seed-3").rglob("*")} == first
+    # Finished: nothing is left to continue, and the same command again is a new run.
+    assert sorted(p.name for p in (out / "seeds").iterdir()) == ["seed-1", "seed-2", "seed-3"]
+    with pytest.raises(FileNotFoundError, match="has finished"):
+        train_finetune.main(["--output-dir", str(out), "--resume", "--no-progress"])
+
+
 def test_repeated_seed_is_an_error_before_anything_is_written(tiny_init_dir, tmp_path):
     with pytest.raises(ValueError, match="repeats 42"):
         run(tiny_init_dir, tmp_path / "out", "--seeds", "42,1,42")

@@ -75,3 +75,39 @@ def test_run_seeds_runs_in_order_and_keeps_the_best_runs_files(tmp_path):
     assert saved["best_seed"] == 1 and saved["seeds"] == [42, 1, 2] and saved["metric"] == "accuracy"
     assert saved["runs"]["2"]["eval"]["accuracy"] == 0.85
     assert S.run_dir(tmp_path, 2) == tmp_path / "seeds" / "seed-2"
+
+
+
+def test_a_resumed_run_skips_the_seeds_finished_before_and_forgets_them_when_done(tmp_path):
+    """The library side of continuing a stopped --seeds run (the whole of it: tests/test_finetune_trust.py)."""
+    order, stop_in = [], {1}
+
+    def run_one(seed, directory):
+        order.append(seed)
+        if seed in stop_in:
+            stop_in.remove(seed)
+            raise KeyboardInterrupt  # the first start is stopped inside seed 1
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "model.safetensors").write_text(f"weights of {seed}")
+        return {**RESULTS[seed], "main_metric": "accuracy", "output_dir": str(directory)}
+
+    out = tmp_path / "a"
+    S.start_run(out, {"seeds": "42,1,2"})
+    with pytest.raises(KeyboardInterrupt):
+        S.run_seeds([42, 1, 2], run_one, out)
+    assert json.loads(S.finished_file(out, 42).read_text()) == {**RESULTS[42], "main_metric": "accuracy"}
+    assert not S.finished_file(out, 1).exists() and S.find_unfinished_run(out) == out / "seeds"
+    summary = S.run_seeds([42, 1, 2], run_one, out, resume=True)
+    assert order == [42, 1, 1, 2]  # seed 42 is not run again
+    assert summary == S.run_seeds([42, 1, 2], run_one, tmp_path / "b")  # as a run never stopped
+    assert S.find_unfinished_run(out) is None and not list((out / "seeds").glob("*.json"))  # finished: nothing to continue
+    # A record counts only when resuming, and only while its run's folder holds the model.
+    (out / "seeds" / "seed-1" / "model.safetensors").unlink()
+    for seed in (42, 1):
+        S.finished_file(out, seed).write_text(json.dumps({**RESULTS[seed], "main_metric": "accuracy"}))
+    del order[:]
+    S.run_seeds([42, 1, 2], run_one, out, resume=True)
+    assert order == [1, 2]
+    del order[:]
+    S.run_seeds([42, 1, 2], run_one, out)
+    assert order == [42, 1, 2]
