@@ -31,7 +31,6 @@ import numpy as np
 
 from minibert import inference
 from minibert.atomic_write import atomic_write_text, write_json
-from minibert.attributions import explain_records
 from minibert.calibration import CALIBRATED_TASKS, calibration_report, fit_temperature, plot_calibration, temperature_for_config
 from minibert.calibration import CONFIG_KEY as TEMPERATURE_KEY
 from minibert.config import BertConfig
@@ -224,7 +223,7 @@ def label_file(pipe: inference.Pipeline, test_file: str, out_dir: str | Path, *,
     answers = inference.results(pipe.task, examples, outputs)
     records = inference.prediction_records(pipe.task, examples, answers)
     if explain:
-        records = explain_predictions(pipe, examples, answers, records, out_dir, init=init, target=explain_target,
+        records = explain_predictions(pipe, examples, features, answers, records, out_dir, init=init, target=explain_target,
                                       steps=explain_steps)
     write_records(out_dir, records)
     logger.info("minibert: %s predictions of %s in %s", len(examples), init, out_dir / "predictions.jsonl")
@@ -241,8 +240,8 @@ def label_file(pipe: inference.Pipeline, test_file: str, out_dir: str | Path, *,
     return results
 
 
-def explain_predictions(pipe: inference.Pipeline, examples: Sequence, answers: list[dict], records: list[dict],
-                        out_dir: Path, *, init: str, target: str | None, steps: int) -> list[dict]:
+def explain_predictions(pipe: inference.Pipeline, examples: Sequence, features: Sequence, answers: list[dict],
+                        records: list[dict], out_dir: Path, *, init: str, target: str | None, steps: int) -> list[dict]:
     """The records with each prediction's word attributions, and out_dir/explanations.html to read them."""
     task_type = pipe.task.task_type
     if pipe.precision.name == "int8":
@@ -251,10 +250,7 @@ def explain_predictions(pipe: inference.Pipeline, examples: Sequence, answers: l
     if target is not None and task_type not in CALIBRATED_TASKS:
         raise ValueError(f"--explain-target names a label to explain, and a {task_type} model explains "
                          f"{'its value' if task_type == 'regression' else 'each entity'}: drop --explain-target")
-    tags = [answer["tags"] for answer in answers] if task_type == "token-classification" else None
-    records, page = explain_records(pipe.model.float().eval(), pipe.tokenizer, task_type, pipe.task.labels, examples,
-                                    records, tags=tags, temperature=pipe.task.temperature, target=target,
-                                    steps=steps, max_length=pipe.max_length, device=pipe.device)
+    records, page = pipe.explained_records(examples, features, answers, records, target=target, steps=steps)
     write_page(out_dir / "explanations.html", page, title=f"minibert: what {init}'s predictions rest on")
     logger.info("minibert: %d explanations in %s", len(page), out_dir / "explanations.html")
     return records

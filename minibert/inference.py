@@ -456,23 +456,8 @@ class Pipeline:
 
     def explanations(self, examples: Sequence[Example], features: Sequence[Features], answers: Sequence[dict], *,
                      target: str | None = None, steps: int = DEFAULT_STEPS) -> list[dict]:
-        """The answers (results()) with their word attributions (see __call__). Integrated gradients needs
-        fp32 gradients: a bf16/fp16 pipeline explains an fp32 copy of its model, made once, which holds
-        the weights it predicts with (rounded to bf16 when it was loaded), so it explains the model that
-        answered; the fp32 model's own attributions differ from those by that rounding."""
-        long = sorted({f.document for f in features if f.document is not None and
-                       sum(g.document == f.document for g in features) > 1})
-        if long:
-            raise ValueError(f"input {long[0] + 1} is longer than max_length={self.max_length} tokens and was read in "
-                             "windows, and attributions explain one reading of a text: call with explain=True on a "
-                             "pipeline without sliding_window (it reads the first max_length tokens)")
-        if self._float_model is None:
-            self._float_model = (self.model if self.precision.name == "fp32"
-                                 else copy.deepcopy(self.model).float()).eval()
-        tags = [answer["tags"] for answer in answers] if self.task.task_type == "token-classification" else None
-        explained, _ = explain_records(self._float_model, self.tokenizer, self.task.task_type, self.task.labels, examples,
-                                       answers, tags=tags, temperature=self.task.temperature, target=target,
-                                       steps=steps, max_length=self.max_length, device=self.device)
+        """The answers (results()) with their word attributions, as __call__ gives them."""
+        explained, _ = self.explained_records(examples, features, answers, answers, target=target, steps=steps)
         if self.task.task_type != "token-classification":
             return explained
         # Each entity as results() gave it (with its score), plus its explanation; the same entity_spans made both.
@@ -480,6 +465,29 @@ class Pipeline:
                  "entities": [{**entity, **{k: v for k, v in why.items() if k not in entity}}
                               for entity, why in zip(answer["entities"], record["explanations"]["entities"])]}
                 for answer, record in zip(answers, explained)]
+
+    def explained_records(self, examples: Sequence[Example], features: Sequence[Features], answers: Sequence[dict],
+                          records: Sequence[dict], *, target: str | None = None,
+                          steps: int = DEFAULT_STEPS) -> tuple[list[dict], list[dict]]:
+        """attributions.explain_records for this pipeline's predictions (answers: results(); records: what gains
+        the attributions, the answers themselves or predictions.jsonl's lines), and the records the page shows.
+        Integrated gradients needs fp32 gradients: a bf16/fp16 pipeline explains an fp32 copy of its model,
+        made once, which holds the weights it predicts with (rounded to bf16 when it was loaded), so it
+        explains the model that answered; the fp32 model's own attributions differ from those by that rounding."""
+        self._check_explainable(target)
+        long = sorted({f.document for f in features if f.document is not None and
+                       sum(g.document == f.document for g in features) > 1})
+        if long:
+            raise ValueError(f"input {long[0] + 1} is longer than max_length={self.max_length} tokens and was read in "
+                             "windows, and attributions explain one reading of a text: explain without sliding windows "
+                             "(which reads the first max_length tokens), or raise max_length")
+        if self._float_model is None:
+            self._float_model = (self.model if self.precision.name == "fp32"
+                                 else copy.deepcopy(self.model).float()).eval()
+        tags = [answer["tags"] for answer in answers] if self.task.task_type == "token-classification" else None
+        return explain_records(self._float_model, self.tokenizer, self.task.task_type, self.task.labels, examples,
+                               records, tags=tags, temperature=self.task.temperature, target=target,
+                               steps=steps, max_length=self.max_length, device=self.device)
 
     def _check_explainable(self, target: str | None) -> None:
         if self.precision.name == "int8":

@@ -304,6 +304,13 @@ def test_predict_only_explain_writes_attributions_and_the_page(calibrated):
     first = json.loads((named / "predictions.jsonl").read_text().splitlines()[0])
     assert first["explains"] == "probability of 'neg'"
     assert first["explained_score"] == pytest.approx(first["probabilities"]["neg"], abs=1e-5)
+    # a text read in sliding windows has no one reading to explain: refused in one line, nothing written
+    windows = tmp / "windows"
+    with pytest.raises(ValueError, match="was read in windows.*explain without sliding windows") as err:
+        train_finetune.main(["--init", str(tmp / "out"), "--predict-only", "--explain", "--sliding-window",
+                             "--max-length", "8", "--stride", "2", "--test-file", str(files["test"]),
+                             "--output-dir", str(windows)])
+    assert "\n" not in str(err.value) and not (windows / "predictions.jsonl").exists()
 
 
 def test_explain_names_what_a_regression_and_a_tagger_explain(tiny_init_dir, tmp_path):
