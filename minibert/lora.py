@@ -194,11 +194,6 @@ class LoraModel(nn.Module):
     def lora_layers(self) -> dict[str, LoraLinear]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLinear)}
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) weights, LoRA's included in the total, as peft's print_trainable_parameters counts."""
-        params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
     def merge(self) -> None:
         for layer in self.lora_layers().values():
             layer.merge()
