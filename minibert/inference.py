@@ -41,15 +41,11 @@ The steps, each also what train_finetune.py runs for its evaluation, predictions
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +54,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from minibert import assets, calibration
+from minibert import calibration
 from minibert.attributions import DEFAULT_STEPS, explain_records
 from minibert.config import IGNORE_INDEX, BertConfig
 from minibert.crf import CRF_FILE, BertCRFForTokenClassification
@@ -68,8 +64,8 @@ from minibert.data.examples import DataError, Example
 from minibert.data.labels import LabelVocab
 from minibert.finetuning import checkpoint_labels, classifier_kind, model_class
 from minibert.hub import resolve_model_dir
+from minibert.int8 import int8_model
 from minibert.metrics import compute_metrics, per_class_scores
-from minibert.model import ClassifierOutput
 from minibert.precision import Precision, autocast, resolve_precision
 from minibert.progress import Progress
 from minibert.spans import Span, TaggedText, entity_spans, span_record, word_offsets
@@ -633,83 +629,3 @@ def prepare_for_precision(model: torch.nn.Module, precision: str) -> torch.nn.Mo
             if isinstance(module, torch.nn.Linear):
                 module.to(dtype)
     return model
-
-
-# ----------------------------------------------------------------------------- int8: ONNX Runtime
-
-
-class OnnxRuntimeClassifier:
-    """A classifier exported to ONNX and quantized to int8 by ONNX Runtime, called like the torch model
-    (predict_logits cannot tell them apart). ONNX Runtime, not torch, for int8 on the CPU: its dynamic
-    quantization is maintained and fast, while torch.ao.quantization is deprecated and torchao's int8
-    path needs torch.compile (20-50 s per input shape here) to beat fp32."""
-
-    def __init__(self, path: Path, threads: int):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def eval(self) -> OnnxRuntimeClassifier:
-        return self
-
-    def __call__(self, input_ids, attention_mask, token_type_ids) -> ClassifierOutput:
-        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
-                 "token_type_ids": token_type_ids.numpy()}
-        return ClassifierOutput(None, torch.from_numpy(self.session.run(["logits"], feeds)[0]))
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporter and the quantizer report every step (hundreds of lines, on the root logger and as
-    warnings); a user sees minibert's one line instead."""
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-class _Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids, attention_mask, token_type_ids).logits
-
-
-def int8_model(model) -> OnnxRuntimeClassifier:
-    """`model` quantized to int8: exported with torch.onnx.export, then ONNX Runtime's dynamic quantization
-    (int8 weights, activations quantized per batch) of every MatMul. The quantized file is kept in the
-    cache, named by the model's config and weights, so the export (a minute) happens once per model."""
-    try:
-        import onnx  # noqa: F401 (torch.onnx.export needs onnx and onnxscript)
-        import onnxscript  # noqa: F401
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise ValueError("precision int8 runs the model in ONNX Runtime, which is not installed: "
-                         "pip install onnxruntime onnx onnxscript (or minibert[int8]); or use fp32/bf16") from None
-    digest = hashlib.sha256(json.dumps(model.config.to_hf_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    folder = assets.cache_dir() / "int8" / digest.hexdigest()[:20]
-    target = folder / "model.int8.onnx"
-    if not target.is_file():
-        logger.info("minibert: exporting the model to ONNX and quantizing it to int8 (once; kept in %s)", folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as work, _quiet():
-            fp32 = Path(work) / "model.onnx"
-            ids = torch.tensor([[2, 5, 6, 7, 8, 3], [2, 9, 10, 3, 0, 0]])  # a padded row: the export keeps the mask path
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
-            torch.onnx.export(_Logits(model.cpu().eval()), (ids, (ids != 0).long(), torch.zeros_like(ids)), fp32,
-                              input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["logits"],
-                              dynamo=True, dynamic_shapes=({0: batch, 1: seq},) * 3, external_data=False, verbose=False)
-            quantize_dynamic(fp32, Path(work) / "model.int8.onnx", op_types_to_quantize=["MatMul"],
-                             weight_type=QuantType.QInt8)
-            os.replace(Path(work) / "model.int8.onnx", target)
-    return OnnxRuntimeClassifier(target, torch.get_num_threads())
