@@ -249,8 +249,11 @@ def test_adapters_minibert_cannot_compute_are_refused(base_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- train_finetune.py --lora-*
 
-POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny"]
-NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny"]
+# Six texts a class, of three to eight words, so that length grouping still mixes the classes in a batch.
+POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny",
+            "a warm , clever delight", "beautifully shot and well acted"]
+NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny",
+            "a cold , stupid bore", "ugly to look at and badly acted"]
 
 
 def write_csv(path, rows):
@@ -261,8 +264,14 @@ def write_csv(path, rows):
     return path
 
 
+def sentiment_rows(n):
+    """n rows that alternate positive and negative, through every text of each class before one comes again."""
+    return [(POSITIVE[i // 2 % len(POSITIVE)], "pos") if i % 2 == 0 else (NEGATIVE[i // 2 % len(NEGATIVE)], "neg")
+            for i in range(n)]
+
+
 def sentiment_csv(path, n=24):
-    return write_csv(path, [(POSITIVE[i % 4], "pos") if i % 2 == 0 else (NEGATIVE[i % 4], "neg") for i in range(n)])
+    return write_csv(path, sentiment_rows(n))
 
 
 def finetune(tiny_init_dir, out, *args, **kwargs):
@@ -271,39 +280,6 @@ def finetune(tiny_init_dir, out, *args, **kwargs):
     argv = ["--init", str(tiny_init_dir), "--output-dir", str(out), "--batch-size", "4", "--no-progress", "--seed", "0",
             *map(str, args)]
     return train_finetune.main(argv, **kwargs)
-
-
-def test_lora_run_writes_a_merged_model_and_an_adapter_that_give_its_predictions(tiny_init_dir, tmp_path):
-    train = sentiment_csv(tmp_path / "train.csv")
-    results = finetune(tiny_init_dir, tmp_path / "out", "--train-file", train, "--validation-file", train, "--test-file", train,
-                       "--max-steps", 6, "--eval-steps", 3, "--lr", "1e-2", "--lora-rank", 4, "--lora-targets", "query,value,down")
-    out = tmp_path / "out"
-    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    probs = torch.tensor([[p["probabilities"]["neg"], p["probabilities"]["pos"]] for p in predictions])
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    inputs = tok([p["text"] for p in predictions], return_tensors="pt", padding=True)
-    # The merged model in transformers gives the run's own predictions.
-    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
-    with torch.no_grad():
-        merged_logits = merged(**inputs).logits
-    t = json.loads((out / "config.json").read_text())["calibration_temperature"]  # predictions are calibrated
-    assert len(predictions) == 24 and (merged_logits.div(t).softmax(-1) - probs).abs().max() <= 1e-5
-    # The adapter, by peft on transformers' model of --init, gives the same logits.
-    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_init_dir, num_labels=2)
-    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
-    with torch.no_grad():
-        assert (theirs(**inputs).logits - merged_logits).abs().max() <= ATOL
-    # Only the adapted layers and the head differ from --init; the counts are the LoRA model's.
-    init = load_file(tiny_init_dir / "model.safetensors")
-    trained = load_file(out / "model.safetensors")
-    changed = {k for k in init if not torch.equal(init[k], trained["bert." + k])}
-    assert changed == {f"encoder.layer.{i}.{m}.weight" for i in range(2)
-                       for m in ("attention.self.query", "attention.self.value", "output.dense")}
-    lora = (2 * 4 * (32 + 32)) * 2 + 4 * (37 + 32) * 2  # A and B of query and value, and of output.dense, in 2 layers
-    assert results["train"]["trainable_parameters"] == lora + 2 * 32 + 2
-    assert results["train"]["total_parameters"] == sum(t.numel() for t in init.values() if t.is_floating_point()) + lora + 2 * 32 + 2
-    assert results["train"]["adapter_bytes"] == sum(f.stat().st_size for f in (out / "adapter").iterdir())
-    assert json.loads((out / "train_results.json").read_text()) == results["train"]
 
 
 @pytest.fixture(scope="module")
@@ -320,62 +296,93 @@ def lively_init_dir(tmp_path_factory, tiny_init_dir):
     return directory
 
 
+def test_a_lora_run_that_learned_gives_its_predictions_merged_in_transformers_as_an_adapter_in_peft_and_in_minibert_pipeline(
+        lively_init_dir, tmp_path):
+    """A LoRA run that learned its task: predictions.jsonl (which the run computed with the unmerged LoRA model),
+    minibert.pipeline on its directory, the merged model in transformers and the adapter in peft on --init agree."""
+    train, test = sentiment_csv(tmp_path / "train.csv"), sentiment_csv(tmp_path / "test.csv", n=12)
+    # One validation label flipped (row 3, a negative text, says pos): no model gets them all right, so a
+    # temperature is fitted (T stays 1 otherwise).
+    dev = write_csv(tmp_path / "dev.csv", [(text, "pos" if i == 3 else label) for i, (text, label) in enumerate(sentiment_rows(12))])
+    results = finetune(lively_init_dir, tmp_path / "out", "--train-file", train, "--validation-file", dev, "--test-file", test,
+                       "--max-steps", 48, "--eval-steps", 6, "--lr", "2e-2", "--lora-rank", 4, "--lora-targets", "query,value,down")
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    texts = [r["text"] for r in records]
+    # It learned: most test labels right (chance is a half), a temperature the predictions had to apply, in reason.
+    temperature = json.loads((out / "config.json").read_text())["calibration_temperature"]
+    right = sum(r["label"] == r["gold"] for r in records)
+    assert len(records) == 12 and right >= 10 and results["test"]["accuracy"] == right / 12
+    assert 0.2 < temperature < 5 and abs(temperature - 1) > 0.05
+    # The merged model in transformers gives the run's calibrated probabilities and labels.
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    inputs = transformers.AutoTokenizer.from_pretrained(out)(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        merged_logits = merged(**inputs).logits
+    labels = [merged.config.id2label[i] for i in range(2)]
+    probs = torch.tensor([[r["probabilities"][label] for label in labels] for r in records])
+    assert (merged_logits.div(temperature).softmax(-1) - probs).abs().max() <= 1e-5
+    assert [labels[i] for i in merged_logits.argmax(-1)] == [r["label"] for r in records]
+    assert probs.max(-1).values.median() > 0.75 and probs[:, 0].max() - probs[:, 0].min() > 0.5  # far from a half, far apart
+    # The adapter, by peft on transformers' model of --init, gives the same logits.
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(lively_init_dir, num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        assert (theirs(**inputs).logits - merged_logits).abs().max() <= ATOL
+    # minibert.pipeline on the run's directory gives its predictions.
+    ours = minibert.pipeline(out, precision="fp32")(texts)  # auto would be bf16 on a CPU that has it
+    assert [{k: v for k, v in r.items() if k not in ("text", "gold")} for r in records] == [
+        {**result, "score": pytest.approx(result["score"], abs=ROUNDED),
+         "probabilities": pytest.approx(result["probabilities"], abs=ROUNDED)} for result in ours]
+    # Only the adapted layers and the head differ from --init; the counts are the LoRA model's.
+    init = load_file(lively_init_dir / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+    changed = {k for k in init if not torch.equal(init[k], trained["bert." + k])}
+    assert changed == {f"encoder.layer.{i}.{m}.weight" for i in range(2)
+                       for m in ("attention.self.query", "attention.self.value", "output.dense")}
+    lora = (2 * 4 * (32 + 32)) * 2 + 4 * (37 + 32) * 2  # A and B of query and value, and of output.dense, in 2 layers
+    assert results["train"]["trainable_parameters"] == lora + 2 * 32 + 2
+    assert results["train"]["total_parameters"] == sum(t.numel() for t in init.values() if t.is_floating_point()) + lora + 2 * 32 + 2
+    assert results["train"]["adapter_bytes"] == sum(f.stat().st_size for f in (out / "adapter").iterdir())
+    assert json.loads((out / "train_results.json").read_text()) == results["train"]
+
+
 def tagged_words(text):
     """A tagging task of its own for each sentence: the first two words one entity (B-X I-X), the rest O."""
     words = text.split()
     return {"tokens": words, "tags": ["B-X", "I-X"] + ["O"] * (len(words) - 2)}
 
 
-@pytest.mark.parametrize("task_type", ["classification", "token-classification"])
-def test_a_lora_runs_directory_predicts_in_minibert_pipeline_as_merged_in_transformers_and_in_its_predictions(
-        lively_init_dir, tmp_path, task_type):
-    """The output directory of a LoRA run, read by minibert.pipeline, gives predictions.jsonl's results
-    (which the run computed with the unmerged LoRA model) and the logits of the merged model in transformers."""
+def test_a_lora_tagger_s_directory_predicts_in_minibert_pipeline_as_merged_in_transformers_and_in_its_predictions(
+        lively_init_dir, tmp_path):
+    """The output directory of a LoRA tagger's run, read by minibert.pipeline, gives predictions.jsonl's entities
+    (which the run computed with the unmerged LoRA model) and, word by word, the merged model's logits in transformers."""
     texts = POSITIVE + NEGATIVE
-    if task_type == "classification":
-        data = write_csv(tmp_path / "train.csv", [(t, "pos" if i < 4 else "neg") for i, t in enumerate(texts * 2)])
-    else:
-        data = tmp_path / "train.jsonl"
-        data.write_text("".join(json.dumps(tagged_words(t)) + "\n" for t in texts * 2))
-    # 16 validation examples: enough to fit a temperature (10 or more), which the pipeline must then apply.
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(tagged_words(t)) + "\n" for t in texts * 2))
     finetune(lively_init_dir, tmp_path / "out", "--train-file", data, "--validation-file", data, "--test-file", data,
-             "--task-type", task_type, "--max-steps", 8, "--lr", "3e-2", "--lora-rank", 4, "--no-group-by-length")
+             "--task-type", "token-classification", "--max-steps", 8, "--lr", "3e-2", "--lora-rank", 4, "--no-group-by-length")
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()][:len(texts)]
     pipe = minibert.pipeline(out, precision="fp32")  # auto would be bf16 on a CPU that has it
-    tok = transformers.AutoTokenizer.from_pretrained(out)
-    if task_type == "classification":
-        ours = pipe(texts)
-        assert [{k: v for k, v in r.items() if k not in ("text", "gold")} for r in records] == [
-            {**result, "score": pytest.approx(result["score"], abs=ROUNDED),
-             "probabilities": pytest.approx(result["probabilities"], abs=ROUNDED)} for result in ours]
-        merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
-        with torch.no_grad():
-            theirs = merged(**tok(texts, return_tensors="pt", padding=True)).logits
-        temperature = json.loads((out / "config.json").read_text())["calibration_temperature"]
-        assert abs(temperature - 1) > 0.05  # a temperature the pipeline had to apply
-        probs = torch.tensor([[r["probabilities"]["neg"], r["probabilities"]["pos"]] for r in ours])
-        assert (theirs.div(temperature).softmax(-1) - probs).abs().max() <= 1e-5
-        assert probs[:, 1].max() - probs[:, 1].min() > 0.05  # predictions far apart: a wrong model could not pass
-    else:
-        words = [t.split() for t in texts]
-        ours = pipe(words, is_split_into_words=True)
-        assert [{k: v for k, v in r.items() if k not in ("tokens", "gold")} for r in records] == [
-            {**result, "entities": [{**e, "score": pytest.approx(e["score"], abs=ROUNDED)} for e in result["entities"]]}
-            for result in ours]
-        assert any(result["entities"] for result in ours) and any(result["tags"] != ours[0]["tags"] for result in ours)
-        merged = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
-        inputs = tok(words, is_split_into_words=True, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            logits = merged(**inputs).logits
-        for row, sentence in enumerate(words):  # each word's logits are those of its first piece
-            ids = inputs.word_ids(row)
-            theirs = logits[row, [ids.index(w) for w in range(len(sentence))]]
-            assert (torch.from_numpy(pipe.outputs(pipe.examples([sentence], True))[0]) - theirs).abs().max() <= 1e-5
+    words = [t.split() for t in texts]
+    ours = pipe(words, is_split_into_words=True)
+    assert [{k: v for k, v in r.items() if k not in ("tokens", "gold")} for r in records] == [
+        {**result, "entities": [{**e, "score": pytest.approx(e["score"], abs=ROUNDED)} for e in result["entities"]]}
+        for result in ours]
+    assert any(result["entities"] for result in ours) and any(result["tags"] != ours[0]["tags"] for result in ours)
+    merged = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+    inputs = transformers.AutoTokenizer.from_pretrained(out)(words, is_split_into_words=True, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = merged(**inputs).logits
+    for row, sentence in enumerate(words):  # each word's logits are those of its first piece
+        ids = inputs.word_ids(row)
+        theirs = logits[row, [ids.index(w) for w in range(len(sentence))]]
+        assert (torch.from_numpy(pipe.outputs(pipe.examples([sentence], True))[0]) - theirs).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("task_type, rows", [
-    ("regression", list(zip(POSITIVE + NEGATIVE, [3.5, 2.0, 1.5, 3.0, -2.5, -1.0, -3.5, -0.5]))),
+    ("regression", list(zip(POSITIVE + NEGATIVE, [3.5, 2.0, 1.5, 3.0, 2.5, 1.0, -2.5, -1.0, -3.5, -0.5, -2.0, -3.0]))),
     ("multilabel", [(t, "good|fun" if i % 2 else "bad") for i, t in enumerate(POSITIVE + NEGATIVE)]),
     ("token-classification", None),
 ])
