@@ -15,7 +15,8 @@ labels, and accuracy, stay exactly as they were.
 
 A fine-tuned model keeps its T in config.json as `calibration_temperature` (a float, or {label: T} for
 multi-label); a checkpoint without one predicts at T = 1. The key is not `temperature`, which transformers
-5 reads as a text-generation setting and drops from any config it loads.
+5 reads as a text-generation setting and drops from any config it loads; calibration_temperature it keeps,
+as an unknown key, and ignores.
 
 The metrics, for N examples (lower is better for all three):
     ece    expected calibration error, top label: the confidences (the largest probability of each example)

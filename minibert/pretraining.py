@@ -9,6 +9,12 @@
 
 The data side (corpus reading, tokenizer training, shards, masking) is in minibert.pretraining_data;
 this module puts it together with the model and the Trainer.
+
+Reproducible on a CPU: the same command gives the same tokenizer, shards and weights from the first run on.
+The tokenizer files are byte-identical in every process and on every machine (minibert.wordpiece, because
+tokenizers' trainer is not: huggingface/tokenizers#1794); the rest holds given the same versions of minibert,
+torch and tokenizers and the same number of torch threads. Not promised: bitwise-equal GPU runs, or runs with
+another number of DDP processes.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ What is here and why:
 - Checkpoints that resume exactly: model, optimizer, scheduler, every RNG, and the data position, written
   atomically. What a run's folder holds, resuming under the run's own settings, and the one-live-run lock
   are minibert.runs'.
-- Per-rank randomness under torchrun: each rank seeds its dropout from (seed, rank), and checkpoints keep
-  every rank's random states.
+- Deterministic on a CPU for a given seed. Per-rank randomness under torchrun: each rank seeds its
+  dropout from (seed, rank), and checkpoints keep every rank's random states.
 - metrics.jsonl logging (minibert.curves draws it).
 - start_training: a script's run begun the same way by both scripts (its settings saved, a resume or a clean folder).
 """
