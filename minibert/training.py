@@ -22,6 +22,7 @@ What is here and why:
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import json
@@ -126,7 +127,15 @@ def setup_distributed(device: str | None = None) -> Distributed:
         torch.cuda.set_device(dev)
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # Closed at exit, however the run ends: a process group left to the interpreter's teardown can abort
+        # the process ("terminate called without an active exception", seen once under torchrun on the CPU).
+        atexit.register(_close_process_group)
     return Distributed(rank, world_size, dev)
+
+
+def _close_process_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
