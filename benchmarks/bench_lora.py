@@ -6,10 +6,15 @@
 The task is minibert.data.movie_reviews (movie-review polarity) from the pretrained MiniLM
 (sentence-transformers/all-MiniLM-L6-v2, offline), through train_finetune.py:
 - full: every weight trains, the script's defaults (AdamW lr 5e-5, 3 epochs, batch 32, 10% warmup);
-- lora: --lora-rank 8 (alpha 16, dropout 0.1, query and value, classifier in full) with lr 5e-4, as LoRA
-  needs a higher learning rate than full fine-tuning; everything else the same.
+- lora: --lora-rank 8 (alpha 16, dropout 0.1, query and value, classifier in full) with a higher learning
+  rate (--lora-lr), as LoRA needs one; everything else the same.
 Each with seeds 1, 2, 3; reported: test accuracy of the checkpoint best on validation (mean and each seed),
-the size of what a run must keep (the whole model.safetensors, or adapter/).
+validation accuracy (what a learning rate is chosen by), the size of what a run must keep (the whole
+model.safetensors, or adapter/).
+
+The result file is also the benchmark's memory: run again with another --lora-lr (or more --seeds), it keeps
+the step timing and the runs whose settings it already holds, does only the missing ones, and keeps runs at
+other learning rates under "other_learning_rates" (summarized, to compare them on validation accuracy).
 
 Step time and memory are measured apart from those runs, on the same 32-example training batches (grouped by
 length, as train_finetune.py batches them) for three models: minibert full, minibert LoRA, and peft's LoRA
@@ -44,22 +49,23 @@ from minibert.tokenizer import load_tokenizer
 
 LORA = LoraSettings(rank=8, alpha=16, dropout=0.1, targets=("query", "value"))
 LORA_FLAGS = ["--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.1", "--lora-targets", "query,value"]
-RUNS = {"full": ["--lr", "5e-5"], "lora": ["--lr", "5e-4", *LORA_FLAGS]}
+LEARNING_RATES = {"full": 5e-5, "lora": 2e-3}  # --full-lr, --lora-lr; LoRA's chosen on validation (README)
 
 
 def directory_bytes(path: Path, names: tuple[str, ...]) -> int:
     return sum((path / name).stat().st_size for name in names if (path / name).is_file())
 
 
-def finetune(kind: str, seed: int, output_dir: Path, quick: bool) -> dict:
+def finetune(kind: str, seed: int, lr: float, output_dir: Path, quick: bool) -> dict:
     """One train_finetune.py run; returns its test accuracy, training time, and the size of what it keeps."""
     short = ["--max-steps", "10", "--eval-steps", "10", "--max-train-examples", "320"] if quick else []
-    argv = ["--output-dir", str(output_dir), "--seed", str(seed), "--save-steps", "0", "--no-progress", *RUNS[kind], *short]
+    argv = ["--output-dir", str(output_dir), "--seed", str(seed), "--save-steps", "0", "--no-progress", "--lr", str(lr),
+            *(LORA_FLAGS if kind == "lora" else []), *short]
     results = train_finetune.main(argv)
     train = results["train"]
     kept = (directory_bytes(output_dir / "adapter", ("adapter_model.safetensors", "adapter_config.json")) if kind == "lora"
             else directory_bytes(output_dir, ("model.safetensors", "config.json")))
-    return {"seed": seed, "test_accuracy": results["test"]["accuracy"], "validation_accuracy": results["eval"]["accuracy"],
+    return {"seed": seed, "lr": lr, "test_accuracy": results["test"]["accuracy"], "validation_accuracy": results["eval"]["accuracy"],
             "train_seconds": train["seconds"], "steps": train["steps"], "kept_bytes": kept,
             "trainable_parameters": train.get("trainable_parameters"), "total_parameters": train.get("total_parameters")}
 
@@ -143,6 +149,40 @@ def time_steps(batches: list[dict], rounds: int, peft_available: bool) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Mean and spread of test and validation accuracy over seeds, and what a run trains and keeps."""
+    test, validation = [r["test_accuracy"] for r in runs], [r["validation_accuracy"] for r in runs]
+    return {"lr": runs[0]["lr"], "test_accuracy_mean": statistics.mean(test),
+            "test_accuracy_stdev": statistics.stdev(test) if len(test) > 1 else 0.0,
+            "validation_accuracy_mean": statistics.mean(validation),
+            "kept_bytes": runs[0]["kept_bytes"], "trainable_parameters": runs[0]["trainable_parameters"],
+            "total_parameters": runs[0]["total_parameters"]}
+
+
+def continued_from(out: Path, result: dict, lrs: dict) -> dict:
+    """What an earlier run of this benchmark left in `out` with the same settings, so that a stopped or
+    extended run (another --lora-lr, more --seeds) does only what is missing: the step timing (which no
+    learning rate changes) moves into `result`, and its fine-tuning runs are returned by (kind, seed) where
+    their learning rate is this run's; runs at other learning rates are kept in result["other_learning_rates"]."""
+    if not out.is_file():
+        return {}
+    old = json.loads(out.read_text())
+    if old.get("quick") != result["quick"] or old.get("lora") != result["lora"]:
+        return {}
+    result["timing"] = old["timing"]
+    earlier, others = {}, list(old.get("other_learning_rates", []))
+    for kind, runs in old.get("runs", {}).items():
+        for run in runs:
+            if run["lr"] == lrs[kind]:
+                earlier[kind, run["seed"]] = run
+            else:
+                others.append({"kind": kind, **run})
+    result["other_learning_rates"] = [r for r in others if r["lr"] != lrs[r["kind"]]]
+    earlier.update({(r["kind"], r["seed"]): {k: v for k, v in r.items() if k != "kind"} for r in others if r["lr"] == lrs[r["kind"]]})
+    return earlier
+
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_flags(parser, "lora", quick="1 seed, 10 steps a run, 1 timing round: about a minute",
@@ -151,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--timing-batches", type=int, default=8, help="batches per timing round")
     parser.add_argument("--timing-rounds", type=int, default=5)
     parser.add_argument("--output-dir", default="runs/bench-lora")
+    parser.add_argument("--full-lr", type=float, default=LEARNING_RATES["full"])
+    parser.add_argument("--lora-lr", type=float, default=LEARNING_RATES["lora"])
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -165,29 +207,33 @@ def main(argv=None):
         peft_available = False
         print("peft is not installed: the peft-on-transformers column is left out (pip install peft)")
 
+    lrs = {"full": args.full_lr, "lora": args.lora_lr}
     result = {**measured_on(args.threads), "quick": args.quick,
               "lora": {"rank": LORA.rank, "alpha": LORA.alpha, "dropout": LORA.dropout, "targets": list(LORA.targets)},
-              "runs": {kind: [] for kind in RUNS}}
+              "runs": {kind: [] for kind in lrs}, "other_learning_rates": []}
+    earlier = continued_from(out, result, lrs)
 
     def write():
         write_result(out, result)
 
-    batches = training_batches(args.timing_batches)
-    result["timing"] = time_steps(batches, args.timing_rounds, peft_available)
-    write()
+    if "timing" not in result:
+        result["timing"] = time_steps(training_batches(args.timing_batches), args.timing_rounds, peft_available)
+        write()
     for seed in args.seeds:  # full and LoRA in turns, so a slow patch of the machine hits both
-        for kind in RUNS:
-            run = finetune(kind, seed, Path(args.output_dir) / f"{kind}-seed{seed}", args.quick)
+        for kind, lr in lrs.items():
+            if (kind, seed) in earlier:
+                result["runs"][kind].append(earlier[kind, seed])
+                continue
+            run = finetune(kind, seed, lr, Path(args.output_dir) / f"{kind}-seed{seed}-lr{lr:g}", args.quick)
             print(f"{kind} seed {seed}: {json.dumps(run)}", flush=True)
             result["runs"][kind].append(run)
             write()
-    summary = {}
-    for kind, runs in result["runs"].items():
-        accuracies = [r["test_accuracy"] for r in runs]
-        summary[kind] = {"test_accuracy_mean": statistics.mean(accuracies),
-                         "test_accuracy_stdev": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                         "kept_bytes": runs[0]["kept_bytes"], "trainable_parameters": runs[0]["trainable_parameters"],
-                         "total_parameters": runs[0]["total_parameters"]}
+    summary = {kind: summarize(runs) for kind, runs in result["runs"].items()}
+    others: dict[tuple, list] = {}
+    for run in result["other_learning_rates"]:
+        others.setdefault((run["kind"], run["lr"]), []).append(run)
+    result["other_learning_rates_summary"] = [{"kind": kind, "lr": lr, "seeds": [r["seed"] for r in runs], **summarize(runs)}
+                                              for (kind, lr), runs in sorted(others.items())]
     timing = result["timing"]
     full, lora = timing["full"], timing["lora"]
     result["summary"] = summary

@@ -14,6 +14,25 @@ import pytest
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# Sentiment texts of three to eight words for the end-to-end fine-tuning tests: six a class, so that a few
+# steps can learn them, and lengths that mix the classes within a length-grouped batch.
+POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny",
+            "a warm , clever delight", "beautifully shot and well acted"]
+NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny",
+            "a cold , stupid bore", "ugly to look at and badly acted"]
+
+
+def write_csv(path, rows, header=("text", "label")):
+    """rows under a header as a UTF-8 CSV file (quoted where a field needs it); returns path."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
 def tiny_hf_config(**overrides):
     """A transformers BertConfig small enough that a test runs in milliseconds, with sizes that are all
     different from each other so that a transposed or swapped weight cannot go unnoticed."""

@@ -10,23 +10,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+import conftest
+from conftest import write_csv
 import train_finetune
 from minibert.data.examples import DataError
 
-POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny"]
-NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny"]
+POSITIVE, NEGATIVE = conftest.POSITIVE[:4], conftest.NEGATIVE[:4]  # four a class: these tests count on 8 texts
 # What calibration adds to a classifier's results (tests/test_finetune_trust.py checks their values)
 CALIBRATION = {"ece", "brier", "nll", "ece_uncalibrated", "brier_uncalibrated", "nll_uncalibrated"}
-
-
-def write_csv(path, rows, header=("text", "label")):
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def write_jsonl(path, records):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import transformers
 
+from conftest import write_csv
 import train_finetune
 from minibert.spans import read_record
 from minibert.tagging import allowed_transitions
@@ -14,14 +15,6 @@ from minibert.tagging import allowed_transitions
 
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def write_csv(path, rows):
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("text", "label"), *rows])
     return path
 
 

@@ -16,25 +16,10 @@ import transformers
 from safetensors.torch import load_file
 from scipy.special import expit, log_softmax, softmax
 
+from conftest import NEGATIVE, POSITIVE, write_csv
 import train_finetune
 from minibert.calibration import calibration_metrics
 from minibert.thresholds import tune_thresholds
-
-POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny",
-            "a warm , clever delight", "beautifully shot and well acted"]
-NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny",
-            "a cold , stupid bore", "ugly to look at and badly acted"]
-
-
-def write_csv(path, rows, header=("text", "label")):
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
 
 def noisy_rows(n, flip_every, offset=0):
     """Sentiment rows with every flip_every-th label flipped: no model gets them all right, so T can be fitted."""

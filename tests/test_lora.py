@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import minibert
 
-from conftest import padded_batch, tiny_hf_config
+from conftest import NEGATIVE, POSITIVE, padded_batch, tiny_hf_config, write_csv
 from minibert import BertForSequenceClassification, BertForTokenClassification
 from minibert.finetuning import count_weights
 from minibert.lora import LoraModel, LoraSettings
@@ -249,21 +249,6 @@ def test_adapters_minibert_cannot_compute_are_refused(base_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- train_finetune.py --lora-*
 
-# Six texts a class, of three to eight words, so that length grouping still mixes the classes in a batch.
-POSITIVE = ["a wonderful , moving film", "great acting and a superb story", "i loved every minute", "brilliant and funny",
-            "a warm , clever delight", "beautifully shot and well acted"]
-NEGATIVE = ["a dull , boring mess", "terrible acting and a weak plot", "i hated every minute", "tedious and unfunny",
-            "a cold , stupid bore", "ugly to look at and badly acted"]
-
-
-def write_csv(path, rows):
-    import csv
-
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([("text", "label"), *rows])
-    return path
-
-
 def sentiment_rows(n):
     """n rows that alternate positive and negative, through every text of each class before one comes again."""
     return [(POSITIVE[i // 2 % len(POSITIVE)], "pos") if i % 2 == 0 else (NEGATIVE[i // 2 % len(NEGATIVE)], "neg")
@@ -360,10 +345,16 @@ def test_a_lora_tagger_s_directory_predicts_in_minibert_pipeline_as_merged_in_tr
     texts = POSITIVE + NEGATIVE
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(tagged_words(t)) + "\n" for t in texts * 2))
-    finetune(lively_init_dir, tmp_path / "out", "--train-file", data, "--validation-file", data, "--test-file", data,
-             "--task-type", "token-classification", "--max-steps", 8, "--lr", "3e-2", "--lora-rank", 4, "--no-group-by-length")
+    results = finetune(lively_init_dir, tmp_path / "out", "--train-file", data, "--validation-file", data, "--test-file", data,
+                       "--task-type", "token-classification", "--max-steps", 40, "--eval-steps", 40, "--lr", "3e-2",
+                       "--lora-rank", 4, "--no-group-by-length")
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()][:len(texts)]
+    # It learned the task (chance tags give an entity F1 near 0): most sentences' one entity is their first two
+    # words (start and end count words, as the input is words).
+    found = sum([(e["text"], e["start"], e["end"]) for e in r["entities"]] == [(" ".join(r["tokens"][:2]), 0, 2)]
+                for r in records)
+    assert results["test"]["f1"] >= 0.8 and found >= 10
     pipe = minibert.pipeline(out, precision="fp32")  # auto would be bf16 on a CPU that has it
     words = [t.split() for t in texts]
     ours = pipe(words, is_split_into_words=True)
