@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from minibert.atomic_write import atomic_write, atomic_write_text
 from minibert.checkpoint import _load_file, hf_to_minibert_key, minibert_to_hf_key
 from minibert.config import BertConfig
+from minibert.dropout import Dropout
 from minibert.model import BertForSequenceClassification, BertForTokenClassification
 
 logger = logging.getLogger("minibert")
@@ -56,7 +57,7 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False)
         self.scaling = alpha / rank

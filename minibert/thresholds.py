@@ -10,7 +10,9 @@ For one label with validation probabilities p and gold answers y: sort p from hi
 the top k as positive gives tp = (gold among the top k), and F1 = 2 tp / (k + positives). The best k
 (the smallest one on ties) is kept, and the threshold put halfway between the k-th and the (k+1)-th
 probability, so that it separates them with the widest margin. Only cuts between different
-probabilities are possible: equal probabilities get the same answer.
+probabilities are possible: equal probabilities get the same answer. Probabilities closer than
+TIE_TOLERANCE count as equal: the same text read in two batches of different padding gets logits
+that differ in float32 rounding (~1e-8), and a cut between two copies of one text is no decision.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from minibert.metrics import MULTILABEL_THRESHOLD
+
+TIE_TOLERANCE = 1e-6  # well above float32 rounding of a probability (~6e-8 near 1), far below a real margin
 
 
 def best_threshold(probabilities: np.ndarray, gold: np.ndarray) -> float | None:
@@ -33,7 +37,7 @@ def best_threshold(probabilities: np.ndarray, gold: np.ndarray) -> float | None:
     p, y = probabilities[order], gold[order]
     k = np.arange(1, len(p) + 1)  # predict the top k as positive
     f1 = 2 * np.cumsum(y) / (k + positives)
-    distinct = np.append(p[1:] < p[:-1], True)  # a cut after position k-1 separates two different values
+    distinct = np.append(p[1:] < p[:-1] - TIE_TOLERANCE, True)  # a cut after position k-1 separates two values
     f1 = np.where(distinct, f1, -1.0)
     best = int(np.argmax(f1))  # the first maximum: the fewest positives
     below = p[best + 1] if best + 1 < len(p) else 0.0

@@ -114,6 +114,18 @@ def test_best_threshold_by_hand_and_against_every_cut():
         assert tuned == pytest.approx(every_cut)
 
 
+def test_best_threshold_never_cuts_between_copies_of_one_text():
+    # Three texts, each 4 times with labels that differ between copies, read in batches of different
+    # padding: float32 rounding moves each copy by ~1e-8, here so that a text's positive copies sort first.
+    # The copies are one value: the cut must fall between texts, as it does for exact copies.
+    p = np.repeat([0.40, 0.35, 0.30], 4)
+    y = np.array([1, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0])
+    rounding = np.where(y == 1, 3e-8, -3e-8)
+    exact = best_threshold(p, y)
+    assert exact in (pytest.approx(0.375), pytest.approx(0.325), pytest.approx(0.15))  # between texts
+    assert best_threshold(p + rounding, y) == pytest.approx(exact, abs=1e-7)
+
+
 def test_tune_thresholds_per_label_and_their_use():
     probs = np.array([[0.9, 0.3], [0.6, 0.2], [0.4, 0.1], [0.2, 0.05]])
     gold = np.array([[1, 1], [1, 0], [0, 0], [0, 0]])

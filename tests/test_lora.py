@@ -294,11 +294,11 @@ def test_a_lora_run_that_learned_gives_its_predictions_merged_in_transformers_as
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     texts = [r["text"] for r in records]
-    # It learned: most test labels right (chance is a half), a temperature the predictions had to apply, in reason.
+    # It learned: most test labels right (chance is a half), a temperature the predictions had to apply, finite.
     temperature = json.loads((out / "config.json").read_text())["calibration_temperature"]
     right = sum(r["label"] == r["gold"] for r in records)
     assert len(records) == 12 and right >= 10 and results["test"]["accuracy"] == right / 12
-    assert 0.2 < temperature < 5 and abs(temperature - 1) > 0.05
+    assert 0.05 < temperature < 20 and abs(temperature - 1) > 0.05  # fitted (not 1), not run away
     # The merged model in transformers gives the run's calibrated probabilities and labels.
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     inputs = transformers.AutoTokenizer.from_pretrained(out)(texts, return_tensors="pt", padding=True)
