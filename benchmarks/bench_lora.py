@@ -169,7 +169,8 @@ def continued_from(out: Path, result: dict, lrs: dict) -> dict:
     old = json.loads(out.read_text())
     if old.get("quick") != result["quick"] or old.get("lora") != result["lora"]:
         return {}
-    result["timing"] = old["timing"]
+    if "timing" in old:  # delete it from the file to time the steps again and keep the runs
+        result["timing"] = old["timing"]
     earlier, others = {}, list(old.get("other_learning_rates", []))
     for kind, runs in old.get("runs", {}).items():
         for run in runs:
