@@ -8,6 +8,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU through its interpreter
+try:  # build the kernels now, while TRITON_INTERPRET is set: Triton reads it once, at import, and a test that
+    import minibert.kernels.flash_attention  # noqa: F401  # unsets it (monkeypatch) must not decide that for the rest
+except ImportError:  # no triton: the kernel tests skip
+    pass
 
 import pytest
 

@@ -323,9 +323,12 @@ def test_clear_error_without_gpu_or_interpreter(monkeypatch):
     # sys.modules: the package attribute minibert.kernels.flash_attention is the function
     monkeypatch.setattr(sys.modules["minibert.kernels.flash_attention"], "_INTERPRETED", False)
     q = torch.zeros(1, 4, 2, 32)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set, but after the kernels were built without it
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after minibert's Triton kernels were imported"):
         flash_attention(q, q, q)
     monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
+        flash_attention(q, q, q)
     assert triton_available() == (False, NO_DEVICE_MESSAGE)
     assert "attn_impl='sdpa'" in NO_DEVICE_MESSAGE
 

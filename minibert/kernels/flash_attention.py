@@ -472,6 +472,9 @@ def _to_unpadded(q, k, v, cu_seqlens, max_seqlen, key_padding_mask):
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
     if q.device.type == "cpu" and not _INTERPRETED:
+        if os.environ.get("TRITON_INTERPRET") == "1":  # set now, but not when the kernels were built (see above)
+            raise RuntimeError("TRITON_INTERPRET=1 was set after minibert's Triton kernels were imported, and Triton "
+                               "reads it only then: set it before Python starts (TRITON_INTERPRET=1 python ...)")
         raise RuntimeError(NO_DEVICE_MESSAGE)
     if q.device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"the triton attention runs on CUDA devices, got {q.device}")
