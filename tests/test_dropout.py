@@ -101,3 +101,48 @@ def test_eager_and_sdpa_draw_the_same_dropout_on_the_cpu():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
     torch.manual_seed(8)  # and the dropout is on: another seed, other logits
     assert not torch.allclose(sdpa(input_ids=ids, attention_mask=mask).logits, results[1][0])
+
+
+def test_attention_dropout_is_applied_in_training_only():
+    """Attention dropout on its own (hidden dropout 0): training outputs differ from eval's, in both
+    backends; at p = 0 they are eval's."""
+    for attn_impl in ("eager", "sdpa"):
+        outputs = {}
+        for p in (0.0, 0.3):
+            config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=p, attn_impl=attn_impl)
+            torch.manual_seed(0)
+            model = BertForSequenceClassification(config)
+            ids = torch.randint(1, 50, (2, 10))
+            evaluated = model.eval().bert(ids).last_hidden_state
+            torch.manual_seed(1)
+            outputs[p] = (evaluated, model.train().bert(ids).last_hidden_state)
+        torch.testing.assert_close(outputs[0.0][1], outputs[0.0][0])
+        assert (outputs[0.3][1] - outputs[0.3][0]).abs().max() > 1e-3, attn_impl  # rounding would be ~1e-7
+
+
+@pytest.mark.parametrize("head", ["sequence", "token"])
+def test_classifier_dropout_overrides_the_hidden_dropout_in_the_head(head):
+    """classifier_dropout (transformers' field) is the head's dropout when set; None takes hidden_dropout_prob.
+    Everything else without dropout: training logits differ from eval's exactly when the head's p > 0."""
+    from minibert.model import BertForTokenClassification
+
+    cls = BertForSequenceClassification if head == "sequence" else BertForTokenClassification
+    ids = torch.randint(1, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    moved = {}
+    for name, classifier_dropout, hidden in (("classifier 0.5", 0.5, 0.0), ("classifier 0", 0.0, 0.5), ("none", None, 0.0)):
+        config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                            max_position_embeddings=16, hidden_dropout_prob=hidden, attention_probs_dropout_prob=0.0,
+                            classifier_dropout=classifier_dropout, num_labels=3)
+        torch.manual_seed(0)
+        model = cls(config)
+        if hidden:  # the encoder's dropout off, so that only the head's could move the logits
+            for module in model.bert.modules():
+                if isinstance(module, Dropout):
+                    module.p = 0.0
+        evaluated = model.eval()(input_ids=ids).logits
+        moved[name] = (model.train()(input_ids=ids).logits - evaluated).abs().max().item()
+    assert moved["classifier 0.5"] > 1e-3 and moved["classifier 0"] == 0.0 and moved["none"] == 0.0
+    if head == "token":
+        assert model(input_ids=ids).loss is None

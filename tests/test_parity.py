@@ -60,12 +60,33 @@ def compare_grads(hf_model, mb_model, name):
 
 
 @pytest.mark.parametrize("attn_impl", BACKENDS)
+@pytest.mark.parametrize("mask_given", [True, False])
+def test_bert_model_on_a_batch_without_padding_at_every_position(tmp_path, attn_impl, mask_given):
+    """No padding (a mask of ones, or none), as at batch 1, and sequences of all max_position_embeddings
+    positions, the longest the model takes; a model without a pooler gives no pooled output."""
+    hf, mb = build_pair(tmp_path, transformers.BertModel, minibert.BertModel, attn_impl, max_position_embeddings=16)
+    ids = torch.randint(1, 99, (2, 16), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids) if mask_given else None
+    ref, out = hf(input_ids=ids, attention_mask=mask), mb(ids, attention_mask=mask)
+    assert max_diff(ref.last_hidden_state, out.last_hidden_state) < ATOL
+    assert max_diff(ref.pooler_output, out.pooler_output) < ATOL
+    no_pooler = minibert.BertModel(mb.config, add_pooler=False)
+    no_pooler.load_state_dict({k: v for k, v in mb.state_dict().items() if not k.startswith("pooler.")})
+    plain = no_pooler.eval()(ids, attention_mask=mask)
+    assert plain.pooler_output is None and max_diff(plain.last_hidden_state, out.last_hidden_state) == 0.0
+    with pytest.raises(ValueError, match="sequence length 17 exceeds the model's 16 positions"):
+        mb(torch.ones(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("attn_impl", BACKENDS)
 @pytest.mark.parametrize("unpad", [True, False])
 def test_bert_model(tmp_path, attn_impl, unpad):
     hf, mb = build_pair(tmp_path, transformers.BertModel, minibert.BertModel, attn_impl, unpad)
     ids, mask, types = padded_batch()
     ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
     out = mb(ids, attention_mask=mask, token_type_ids=types)
+    hidden, layout = mb.encode(ids, mask, types)  # unpad packs the real tokens: (N, C), not (B, T, C)
+    assert layout.packed == unpad and hidden.shape[0] == (int(mask.sum()) if unpad else len(ids))
     real = mask.bool()  # HF computes (meaningless) states at padded positions; minibert zeros them when unpadded
     d_hidden = max_diff(ref.last_hidden_state[real], out.last_hidden_state[real])
     d_pooled = max_diff(ref.pooler_output, out.pooler_output)
@@ -103,28 +124,77 @@ def test_pretraining(tmp_path, attn_impl, unpad):
     d_masked = max_diff(ref.prediction_logits[labels != -100], out.mlm_logits)
     d_loss = abs(ref.loss.item() - out.loss.item())
     assert d_masked < ATOL and d_loss < ATOL
+    # Each part as computed from transformers' logits by hand.
+    mlm_part = torch.nn.functional.cross_entropy(ref.prediction_logits[labels != -100], labels[labels != -100])
+    nsp_part = torch.nn.functional.cross_entropy(ref.seq_relationship_logits, nsp)
+    assert abs(out.mlm_loss.item() - mlm_part.item()) < ATOL and abs(out.nsp_loss.item() - nsp_part.item()) < ATOL
     ref.loss.backward()
     out.loss.backward()
     d_grad = compare_grads(hf, mb, "BertForPreTraining")
     report(f"BertForPreTraining[{attn_impl},unpad={unpad}]", mlm=d_mlm, nsp=d_nsp, masked=d_masked, loss=d_loss, grad=d_grad)
 
 
+def test_pretraining_losses_without_labels_and_with_nothing_masked(tmp_path):
+    _, mb = build_pair(tmp_path, transformers.BertForPreTraining, minibert.BertForPreTraining, "eager")
+    ids, mask, types = padded_batch()
+    out = mb(ids, attention_mask=mask, token_type_ids=types)
+    assert out.loss is None and out.mlm_loss is None and out.nsp_loss is None
+    nsp = torch.tensor([0, 1, 1, 0])
+    # No position masked (a short batch can draw none): an MLM loss of exactly 0 that still has a gradient
+    # (DDP needs every weight to get one), and the total is the NSP loss alone.
+    out = mb(ids, attention_mask=mask, token_type_ids=types, labels=torch.full_like(ids, -100), next_sentence_label=nsp)
+    assert out.mlm_loss.item() == 0.0 and out.mlm_loss.requires_grad
+    assert out.loss.item() == out.nsp_loss.item() > 0
+    out.loss.backward()
+    assert mb.mlm_head.dense.weight.grad is not None
+
+
+def test_fresh_weights_are_drawn_as_transformers_draws_them():
+    """From scratch: normal(0, initializer_range) weights, zero biases, LayerNorms at (1, 0), and the [PAD]
+    row of the word embeddings zero and kept out of training (padding_idx), as transformers' BERT."""
+    config = minibert.BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, max_position_embeddings=128, pad_token_id=3, num_labels=2)
+    torch.manual_seed(0)
+    model = minibert.BertForSequenceClassification(config)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            rows = p[torch.arange(len(p)) != 3] if name.endswith("word.weight") else p
+            n = rows.numel()  # 5 standard errors of the sample mean and std
+            assert abs(rows.mean().item()) < 5 * 0.02 / n**0.5 and abs(rows.std().item() - 0.02) < 5 * 0.02 / (2 * n)**0.5, name
+    word = model.bert.embeddings.word
+    assert torch.equal(word.weight[3], torch.zeros(64)) and word.weight[4].abs().sum() > 0
+    ids = torch.tensor([[5, 3, 3, 7]])
+    model(ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+    assert torch.equal(word.weight.grad[3], torch.zeros(64)) and word.weight.grad[5].abs().sum() > 0
+
+
 @pytest.mark.parametrize("attn_impl", BACKENDS)
-@pytest.mark.parametrize("problem", ["single_label_classification", "multi_label_classification", "regression"])
+@pytest.mark.parametrize("problem", ["single_label_classification", "multi_label_classification", "regression",
+                                     "regression of 3 values"])
 def test_sequence_classification(tmp_path, attn_impl, problem):
+    """The loss as transformers picks it: guessed from num_labels and the labels' dtype, or, for several
+    regression outputs, set by problem_type in the config (3 outputs with float labels guess multi-label)."""
     num_labels = 1 if problem == "regression" else 3
+    problem_type = {"regression of 3 values": "regression"}.get(problem)
     hf, mb = build_pair(
         tmp_path, transformers.BertForSequenceClassification, minibert.BertForSequenceClassification, attn_impl,
-        num_labels=num_labels,
+        num_labels=num_labels, problem_type=problem_type,
     )
+    assert mb.config.problem_type == problem_type
     ids, mask, types = padded_batch()
     g = torch.Generator().manual_seed(2)
     if problem == "single_label_classification":
         labels = torch.tensor([0, 2, 1, 2])
     elif problem == "multi_label_classification":
         labels = (torch.rand(4, 3, generator=g) > 0.5).float()
-    else:
+    elif problem == "regression":
         labels = torch.randn(4, generator=g)
+    else:
+        labels = torch.randn(4, 3, generator=g)
     ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
     out = mb(ids, attention_mask=mask, token_type_ids=types, labels=labels)
     d_logits = max_diff(ref.logits, out.logits)

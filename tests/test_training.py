@@ -82,6 +82,17 @@ def test_layer_lr_decay_and_no_decay_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_parameter_groups_default_to_no_decay_and_leave_out_only_the_frozen():
+    cfg = minibert.BertConfig.preset("tiny", vocab_size=50, num_labels=2)
+    model = minibert.BertForSequenceClassification(cfg)
+    assert {g["lr_scale"] for g in model.parameter_groups(weight_decay=0.1)} == {1.0}  # layer_lr_decay 1 by default
+    for p in model.bert.embeddings.parameters():  # the first parameters: what follows them must stay in
+        p.requires_grad_(False)
+    grouped = [p for g in model.parameter_groups(weight_decay=0.1) for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len(trainable) > 0 and {id(p) for p in grouped} == {id(p) for p in trainable}
+
+
 @pytest.mark.parametrize("decay", [0.0, -0.5, 1.5])
 def test_layer_lr_decay_outside_zero_to_one_is_refused(decay, tiny_init_dir, tmp_path):
     """0 raised ZeroDivisionError, -0.5 gave scales -0.5, 0.25, -0.125: gradient ascent on alternate layers."""
