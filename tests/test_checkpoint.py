@@ -284,6 +284,50 @@ def test_git_lfs_pointer_and_missing_shard(tmp_path):
         minibert.BertModel.from_pretrained(str(tmp_path / "sharded"))
 
 
+class CreatesAFile:
+    """What a crafted pickle can do on load: here, create a file (it could as well run any command)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_weights_file_that_would_run_code_is_refused_and_runs_none(tmp_path):
+    hf = hf_classifier(tmp_path / "src")
+    (tmp_path / "bin").mkdir()
+    hf.config.save_pretrained(tmp_path / "bin")
+    marker = tmp_path / "created-by-the-pickle"
+    torch.save({**hf.state_dict(), "payload": CreatesAFile(marker)}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="cannot read weights from .*pytorch_model.bin .*not a plain tensor file") as err:
+        minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "bin"))
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_saved_directory_is_what_transformers_tools_expect(tmp_path, minilm_dir):
+    """Into a folder that does not exist yet: safetensors with the metadata transformers writes, default label
+    names for a classifier without them, the tokenizer's model_max_length from the model's positions, and a
+    dtype in config.json that names the weights as saved (fp32 here, though the config was read from fp16)."""
+    from safetensors import safe_open
+
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=48, num_labels=3)
+    config.extra["torch_dtype"] = "float16"
+    model = minibert.BertForSequenceClassification(config)
+    out = tmp_path / "a" / "b"
+    model.save_pretrained(out, tokenizer=minibert.load_tokenizer(minilm_dir))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert "bert.embeddings.word_embeddings.weight" in f.keys() and "classifier.weight" in f.keys()
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"} and saved["torch_dtype"] == "float32"
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 48
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out)
+    assert hf.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"} and hf.dtype == torch.float32
+
+
 def test_non_bert_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     with pytest.raises(ValueError, match="model_type 'gpt2'.*BERT only"):

@@ -1,6 +1,8 @@
 """The shared training loop: a fine-tuning trajectory equal to transformers', checkpoints and resume."""
 
+import json
 import logging
+import os
 
 import pytest
 import torch
@@ -56,6 +58,50 @@ def test_finetuning_trajectory_equals_transformers(tmp_path):
     # and training moved the weights the same way
     hf_w = hf.classifier.weight.detach()
     assert (mb.classifier.weight.detach() - hf_w).abs().max() < 1e-4
+
+
+def test_a_step_with_its_own_loss_metrics_and_clipping_equals_transformers_by_hand(tmp_path):
+    """loss_fn (class weights, as --class-weights passes it) replaces the model's loss; metrics_fn's values
+    are averaged over the micro-batches; clipping at a norm the gradients exceed, with the norm before
+    clipping reported. Each checked against transformers' model, stepped by hand."""
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(tiny_hf_config(num_labels=3))
+    hf.save_pretrained(tmp_path / "init")
+    mb = minibert.BertForSequenceClassification.from_pretrained(str(tmp_path / "init"))
+    weights = torch.tensor([0.2, 1.0, 3.0])
+
+    def loss_fn(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights)
+
+    def metrics_fn(out, batch):
+        return {"first_logit": float(out.logits[0, 0]), "rows": float(len(batch["labels"]))}
+
+    settings = TrainingSettings(lr=1e-2, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=0.05, grad_accum=2)
+    trainer = Trainer(mb, settings, total_steps=3, output_dir=tmp_path / "run", loss_fn=loss_fn)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-2, weight_decay=0.0)
+    hf_sched = transformers.get_linear_schedule_with_warmup(hf_opt, num_warmup_steps=0, num_training_steps=3)
+    hf.train()
+    data = batches(6)
+    for step in range(3):
+        micro = data[2 * step: 2 * step + 2]
+        ours = trainer.step(micro, metrics_fn=metrics_fn)
+        ref_loss, first = 0.0, 0.0
+        for b in micro:
+            logits = hf(**{k: v for k, v in b.items() if k != "labels"}).logits
+            loss = loss_fn(logits, b["labels"]) / 2
+            loss.backward()
+            ref_loss, first = ref_loss + loss.item(), first + float(logits[0, 0]) / 2
+        norm = float(torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.05))
+        hf_lr = hf_opt.param_groups[0]["lr"]
+        hf_opt.step()
+        hf_sched.step()
+        hf_opt.zero_grad()
+        assert norm > 0.05  # the clipping acted
+        assert ours["loss"] == pytest.approx(ref_loss, abs=1e-5) and ours["grad_norm"] == pytest.approx(norm, rel=1e-4)
+        rows = sum(len(b["labels"]) for b in micro) / 2  # the micro-batches hold 2 to 4 rows
+        assert ours["first_logit"] == pytest.approx(first, abs=1e-5) and ours["rows"] == pytest.approx(rows)
+        assert ours["lr"] == pytest.approx(hf_lr)
+    assert (mb.classifier.weight.detach() - hf.classifier.weight.detach()).abs().max() < 1e-5
 
 
 def test_schedule_shape():
@@ -215,6 +261,32 @@ def test_a_finished_run_leaves_no_checkpoint_or_temporary_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the training state file
+
+
+def test_resume_forgets_the_metrics_logged_after_the_checkpoint_and_keeps_the_run_settings(tmp_path, minilm_dir):
+    """A run killed after its step-2 checkpoint had logged steps 3 and 4: the resumed run logs them again,
+    so they go. The checkpoint holds the run's settings (run_config.json) and its tokenizer, and the
+    resumed model keeps the attention settings the resuming run asked for, not the saved ones."""
+    config = minibert.BertConfig.preset("tiny", vocab_size=50).replace(attn_impl="eager", unpad=False)
+    trainer = Trainer(minibert.BertForSequenceClassification(config), TrainingSettings(), total_steps=6,
+                      output_dir=tmp_path / "run")
+    for step in (1, 2):
+        trainer.log_metrics({"step": step, "loss": 1.0 / step})
+    train_file = tmp_path / "train.csv"
+    train_file.write_text("text,label\n")
+    trainer.save_checkpoint(TrainState(step=2), tokenizer=minibert.load_tokenizer(minilm_dir),
+                            run_config={"lr": 1e-3, "train_file": os.path.relpath(train_file)})
+    for step in (3, 4):
+        trainer.log_metrics({"step": step, "loss": 1.0 / step})
+    saved = json.loads((trainer.checkpoint_dir / "run_config.json").read_text())
+    assert saved["lr"] == 1e-3 and saved["train_file"] == str(train_file.resolve())  # resumable from elsewhere
+    assert (trainer.checkpoint_dir / "tokenizer.json").is_file()
+    resumed = Trainer(minibert.BertForSequenceClassification(config.replace(attn_impl="sdpa", unpad=True)),
+                      TrainingSettings(), total_steps=6, output_dir=tmp_path / "run")
+    assert resumed.resume().step == 2
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]
+    assert resumed.model.config.attn_impl == "sdpa" and resumed.model.config.unpad is True
 
 
 def saved_trainer(tmp_path):
