@@ -350,6 +350,10 @@ def test_every_random_generator_is_restored_from_tensors_and_plain_values():
 
 
 def test_each_rank_seeds_its_own_dropout_and_rank_zero_keeps_the_seed():
+    import random
+
+    import numpy as np
+
     from minibert.training import seed_everything
 
     def dropout_mask(seed, rank):
@@ -362,6 +366,17 @@ def test_each_rank_seeds_its_own_dropout_and_rank_zero_keeps_the_seed():
     assert not torch.equal(dropout_mask(7, 1), dropout_mask(7, 0))
     assert torch.equal(dropout_mask(7, 1), dropout_mask(7, 1))  # and a rerun draws it again
     assert not torch.equal(dropout_mask(7, 1), dropout_mask(8, 1))
+    # Python's and numpy's generators too: rank 0 (the default) from the seed itself, a rerun the same draws
+    seed_everything(7)
+    first = (random.random(), np.random.rand())
+    random.seed(7), np.random.seed(7)
+    assert (random.random(), np.random.rand()) == first
+    seed_everything(7, 1)
+    assert (random.random(), np.random.rand()) != first
+    rank1 = int(np.random.SeedSequence([7, 1]).generate_state(1)[0])  # the documented rank seed, 32 bits
+    seed_everything(7, 1)
+    assert torch.initial_seed() == rank1
+    assert (random.random(), np.random.rand()) == (random.Random(rank1).random(), np.random.RandomState(rank1).rand())
 
 
 # ----------------------------------------------------------------------------- one live run per folder
