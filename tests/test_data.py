@@ -774,3 +774,58 @@ def test_text_the_tokenizer_cannot_spell_is_warned_about(tokenizer, caplog):
     unknown = [Example("⟡⟡ ⟢⟢ ⟣⟣", None, "0"), Example("⟤ ⟥ ok", None, "1")]
     encode_examples(tokenizer, unknown, max_length=32, task_type="classification", label_vocab=vocab, source="the training data")
     assert "83% of the word pieces of the training data are [UNK]" in caplog.text
+
+
+# ----------------------------------------------------------------------------- batching, by its stated rules
+
+
+def test_train_batches_sort_within_chunks_of_the_shuffled_order():
+    """chunk_batches=1: each batch is one consecutive chunk of the epoch's permutation (seeded by seed and
+    epoch), longest first; so the batches change from epoch to epoch yet hold similar lengths."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, 60)
+    batches = train_batches(lengths, 6, seed=3, epoch=1, chunk_batches=1)
+    order = np.random.default_rng([3, 1]).permutation(60)
+    chunks = {frozenset(order[i:i + 6].tolist()) for i in range(0, 60, 6)}
+    assert {frozenset(b) for b in batches} == chunks
+    for b in batches:
+        assert list(lengths[b]) == sorted(lengths[b], reverse=True)
+    grouped = train_batches(lengths, 6, seed=3, epoch=1)  # chunks of 50 steps: the whole epoch, sorted
+    spread = max(int(np.ptp(lengths[b])) for b in grouped)
+    assert spread < 25 and spread < int(np.ptp(lengths))  # similar lengths in every batch
+
+
+@pytest.mark.parametrize("n, world_size, batch_size, per_rank", [
+    (5, 2, 2, [[3], [2]]),  # steps of 4 and 1: the 1 joins the step before, so both ranks get a batch
+    (6, 2, 2, [[2, 1], [2, 1]]),  # steps of 4 and 2: one example a rank is enough, no merge
+    (2, 2, 1, [[1], [1]]),  # as many examples as ranks
+    (9, 1, 1, [[1] * 9]),  # batch size 1
+])
+def test_train_batches_share_every_example_once_with_as_many_batches_on_every_rank(n, world_size, batch_size, per_rank):
+    lengths = np.arange(n) + 1
+    shares = [train_batches(lengths, batch_size, seed=0, epoch=0, rank=r, world_size=world_size) for r in range(world_size)]
+    assert [sorted((len(b) for b in share), reverse=True) for share in shares] == per_rank
+    assert sorted(i for share in shares for b in share for i in b) == list(range(n))
+
+
+def test_train_batches_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="need batch_size >= 1"):
+        train_batches([3, 4], 0, seed=0, epoch=0)
+    with pytest.raises(ValueError, match=r"0 <= rank < world_size, got 2, 2, 2"):
+        train_batches([3, 4, 5], 2, seed=0, epoch=0, rank=2, world_size=2)
+    with pytest.raises(DataError, match="2 training examples cannot be shared among 3 processes"):
+        train_batches([3, 4], 1, seed=0, epoch=0, rank=0, world_size=3)
+
+
+def test_eval_batches_keep_the_input_order_among_equal_lengths():
+    lengths = np.random.default_rng(1).integers(1, 4, 500)  # many ties: an unstable sort would reorder them
+    expected = sorted(range(500), key=lambda i: -lengths[i])  # Python's sort is stable
+    assert [i for b in eval_batches(lengths, 7) for i in b] == expected
+    assert eval_batches(lengths, 7, rank=1, world_size=3) == eval_batches(lengths, 7)[1::3]
+
+
+def test_collate_a_batch_of_one():
+    ids, types = np.array([101, 7, 102], np.int32), np.array([0, 0, 0], np.int8)
+    batch = collate([Features(ids, types, 2)], pad_token_id=0)
+    assert batch["labels"].tolist() == [2] and batch["labels"].dtype == torch.long
+    assert batch["input_ids"].tolist() == [[101, 7, 102]] and batch["attention_mask"].tolist() == [[1, 1, 1]]
