@@ -89,3 +89,14 @@ def tiny_init_dir(tmp_path_factory):
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(minilm_dir() / name, directory / name)
     return directory
+
+
+class CreatesAFile:
+    """What a crafted pickle can do on load: here, create a file (it could as well run any command).
+    The tests that feed one to a loader check that the file never appears."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")

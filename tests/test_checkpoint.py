@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import minibert
-from conftest import padded_batch, tiny_hf_config
+from conftest import CreatesAFile, padded_batch, tiny_hf_config
 from minibert import BertConfig
 from minibert.config import PRESETS
 from minibert.checkpoint import ENCODER_MODULES, hf_to_minibert_key, minibert_to_hf_key, read_state_dict
@@ -282,16 +282,6 @@ def test_git_lfs_pointer_and_missing_shard(tmp_path):
     next((tmp_path / "sharded").glob("model-0000*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="lacks model-0000.*every file the index"):
         minibert.BertModel.from_pretrained(str(tmp_path / "sharded"))
-
-
-class CreatesAFile:
-    """What a crafted pickle can do on load: here, create a file (it could as well run any command)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (str(self.path), "w")
 
 
 def test_a_weights_file_that_would_run_code_is_refused_and_runs_none(tmp_path):

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import minibert
-from conftest import padded_batch, tiny_hf_config
+from conftest import CreatesAFile, padded_batch, tiny_hf_config
 from minibert.training import Trainer, TrainingSettings, TrainState, linear_schedule
 
 
@@ -294,16 +294,6 @@ def saved_trainer(tmp_path):
     trainer = Trainer(model, TrainingSettings(), total_steps=2, output_dir=tmp_path)
     trainer.save_checkpoint(TrainState(step=1))
     return trainer
-
-
-class CreatesAFile:
-    """What a crafted pickle can do on load: here, create a file (it could as well run any command)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (str(self.path), "w")
 
 
 def test_a_training_state_that_would_run_code_is_refused_and_runs_none(tmp_path):
