@@ -54,8 +54,12 @@ def csv_rows(path: Path, lines: Iterable[str], *, error: type[Exception],
     try:
         for cells in reader:
             yield reader.line_num, cells
-    except csv.Error as e:
-        raise error(f"{path} line {reader.line_num}: {e} (a quote that is never closed?)") from None
+    except csv.Error as e:  # with no field limit (above), what the csv module still refuses is a lone \r
+        why = str(e)
+        if why.startswith("new-line character seen in unquoted field"):
+            why = ("a carriage return (\\r) inside a cell that is not quoted: quote the cell, or save the file with "
+                   "\\n or \\r\\n line endings")
+        raise error(f"{path} line {reader.line_num}: {why}") from None
 
 
 def json_values(path: Path, *, error: type[Exception]) -> Iterator[tuple[str, object]]:

@@ -776,6 +776,246 @@ def test_text_the_tokenizer_cannot_spell_is_warned_about(tokenizer, caplog):
     assert "83% of the word pieces of the training data are [UNK]" in caplog.text
 
 
+# ----------------------------------------------------------------------------- readers, the cases mutmut found unchecked
+
+
+def test_span_annotated_json_is_tagged_on_the_tokenizers_words(tmp_path, tokenizer):
+    import json
+
+    text = "Jim Henson met Ann in Paris."
+    records = [{"text": text, "spans": [{"start": 0, "end": 10, "label": "PER"}, {"start": 22, "end": 27, "label": "LOC"}]},
+               {"text": "Nothing here.", "spans": []}]
+    path = write(tmp_path, "train.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    first, second = load_examples(path, task_type="token-classification", tokenizer=tokenizer)
+    assert (first.text, first.text_pair) == (["Jim", "Henson", "met", "Ann", "in", "Paris", "."], None)
+    assert first.label == ["B-PER", "I-PER", "O", "O", "O", "B-LOC", "O"]
+    assert (first.tagged_text.text, first.tagged_text.record, first.tagged_text.fmt) == (text, records[0], "minibert")
+    assert first.tagged_text.offsets[:2] == [(0, 3), (4, 10)]
+    assert (second.text, second.label) == (["Nothing", "here", "."], ["O", "O", "O"])
+    bioes = load_examples(path, task_type="token-classification", tokenizer=tokenizer, tag_scheme="bioes")
+    assert bioes[0].label == ["B-PER", "E-PER", "O", "O", "O", "S-LOC", "O"]
+    with pytest.raises(ValueError, match="span-annotated text is split into words by the tokenizer: pass tokenizer="):
+        load_examples(path, task_type="token-classification")
+    # A text without spans: refused in training data, read for prediction.
+    partly = write(tmp_path, "test.jsonl", json.dumps(records[0]) + "\n" + json.dumps({"text": "Ann left."}) + "\n")
+    with pytest.raises(DataError, match=r"test.jsonl line 2 has no spans: give every text its spans \(\[\] when"):
+        load_examples(partly, task_type="token-classification", tokenizer=tokenizer)
+    unlabelled = write(tmp_path, "predict.jsonl", json.dumps({"text": "Ann left."}) + "\n")
+    (ann,) = load_examples(unlabelled, task_type="token-classification", tokenizer=tokenizer, require_labels=False)
+    assert (ann.text, ann.label) == (["Ann", "left", "."], None)
+    off = write(tmp_path, "off.jsonl", json.dumps({"text": "Obamas", "spans": [{"start": 0, "end": 5, "label": "PER"}]}))
+    with pytest.raises(ValueError, match=r"off.jsonl line 1: the span 0..5 'Obama' \(PER\) ends inside the word"):
+        load_examples(off, task_type="token-classification", tokenizer=tokenizer)
+
+
+def test_word_lists_in_a_doccano_shaped_record_are_words_not_spans(tmp_path, tokenizer):
+    """{"text": [...], "label": [...]} is doccano's shape, but a list of words under the text column is words."""
+    path = write(tmp_path, "train.jsonl", '{"text": ["EU", "rejects"], "label": ["B-ORG", "O"]}\n')
+    examples = load_examples(path, task_type="token-classification", text_column="text", label_column="label",
+                             tokenizer=tokenizer)
+    assert examples == [Example(["EU", "rejects"], None, ["B-ORG", "O"])]
+    # Word lists beside a raw text: the words (under the text column, "tokens") are read, not the text.
+    both = write(tmp_path, "both.jsonl", '{"text": "EU rejects", "tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}\n')
+    assert load_examples(both, task_type="token-classification", tokenizer=tokenizer) == examples
+
+
+def test_table_lines_that_are_examples_and_lines_that_are_skipped(tmp_path):
+    # A one-column CSV: a quoted "" is an empty text (kept), a blank line is nothing.
+    one_column = write(tmp_path, "test.csv", 'text\n""\n\nabc\n')
+    assert load_examples(one_column, task_type="classification", require_labels=False) == [Example(""), Example("abc")]
+    # Two empty cells are a row, with an empty label: refused, in CSV and TSV alike.
+    for name, text in (("train.csv", "text,label\ngood,1\n,\n"), ("train.tsv", "text\tlabel\ngood\t1\n\t\n")):
+        with pytest.raises(DataError, match=rf"{name} line 3: empty label in column 'label'"):
+            load_examples(write(tmp_path, name, text), task_type="classification")
+    one_column_tsv = write(tmp_path, "test.tsv", "text\nhello\n \n")
+    assert load_examples(one_column_tsv, task_type="classification", require_labels=False) == [Example("hello")]
+    # A TSV row ending in an empty cell keeps it (the line ending is cut, not the tab).
+    trailing = write(tmp_path, "unlabelled.tsv", "text\tlabel\nhello\t\r\n")
+    assert load_examples(trailing, task_type="classification", require_labels=False) == [Example("hello")]
+    # A lone carriage return (old Mac line endings, or one inside a text) is what the csv module refuses.
+    for text in ("text,label\na\rb,1\n", "text,label\ra,1\rb,0\r"):
+        broken = write(tmp_path, "broken.csv", text)
+        with pytest.raises(DataError, match=r"broken\.csv line \d: a carriage return \(\\r\) inside a cell that is not "
+                                            r"quoted: quote the cell, or save the file with \\n or \\r\\n line endings$"):
+            load_examples(broken, task_type="classification")
+
+
+def test_a_missing_label_column_is_named_with_the_header_hint(tmp_path):
+    path = write(tmp_path, "train.csv", "text,stars\na,1\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} has no column 'label' \(columns: 'text', 'stars'\) "
+                                        r"\(the first line is read as the header\); choose one with --label-column$"):
+        load_examples(path, task_type="classification")
+    headless = write(tmp_path, "headless.csv", "a,1\n")
+    with pytest.raises(DataError, match=r"has no column 'label' \(columns: 'text', 'score'\); choose one with --label-column$"):
+        load_examples(headless, task_type="classification", column_names=["text", "score"])
+    with pytest.raises(DataError, match=rf"^no such file: {re.escape(str(tmp_path / 'nothing.csv'))}$"):
+        load_examples(tmp_path / "nothing.csv", task_type="classification")
+
+
+def test_conll_columns_tabs_and_mixed_tags(tmp_path):
+    # Tab-separated: a word may hold a space, and an empty middle column is only a column.
+    tabs = write(tmp_path, "train.conll", "New York\tNNP\tB-LOC\nis\t\tO\n")
+    assert load_examples(tabs, task_type="token-classification") == [Example(["New York", "is"], None, ["B-LOC", "O"])]
+    mixed = write(tmp_path, "test.conll", "Peter B-PER\nBlackburn\n")
+    with pytest.raises(DataError, match=r"test.conll line 2: some words of this sentence have a tag and some do not"):
+        load_examples(mixed, task_type="token-classification", require_labels=False)
+    latin1 = write(tmp_path, "latin1.conll", "café O\n", encoding="latin-1")
+    with pytest.raises(DataError, match=r"latin1\.conll"):
+        load_examples(latin1, task_type="token-classification")
+
+
+def test_json_pairs_and_token_records_name_where_they_are_wrong(tmp_path):
+    pairs = write(tmp_path, "dev.jsonl", '{"premise": "a", "hypothesis": "b", "label": 1}\n')
+    assert load_examples(pairs, task_type="classification", text_column="premise", text_pair_column="hypothesis") == [
+        Example("a", "b", "1")]
+    bad_pair = write(tmp_path, "bad.jsonl", '{"premise": "a", "hypothesis": 3, "label": 1}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 1: 'hypothesis' must be a string, found 3$"):
+        load_examples(bad_pair, task_type="classification", text_column="premise", text_pair_column="hypothesis")
+    for record, message in (
+        ('{"tokens": ["EU", " "], "tags": ["O", "O"]}', r"line 1: the words must be a list of non-empty strings, found \['EU', ' '\]"),
+        ('{"tokens": ["EU"], "tags": "O"}', r"line 1: 1 words but tags 'O'; give one tag per word"),
+        ('{"tokens": ["EU", "x"], "tags": ["O"]}', r"t.jsonl line 1: 2 words but 1 tags"),
+        ('{"tokens": ["EU"], "tags": [null]}', r"t.jsonl line 1"),
+    ):
+        with pytest.raises(DataError, match=message):
+            load_examples(write(tmp_path, "t.jsonl", record + "\n"), task_type="token-classification")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", ("classification", "default")),  # an empty file
+    ('{"text": "a b", "tokens": ["a", "b"], "label": "x"}\n', NOT_NUMBERS),  # "text" is the text column when it is there
+    ('{"text": "a", "label": 0.5}\n{"text": "b", "label": 1}\n', SCORES),  # the first record's label counts too
+])
+def test_infer_task_type_of_json_records(tmp_path, text, expected):
+    assert infer_task_type(write(tmp_path, "train.jsonl", text)) == expected
+
+
+# ----------------------------------------------------------------------------- encoding, by hand-computed ids
+
+NUMBERS = "one two three four five six seven eight nine ten"  # one piece each: ids 2028 ... 2702
+
+
+def piece_ids(tokenizer, words):
+    return [tokenizer.token_to_id(w) for w in words.split()]
+
+
+def test_sliding_windows_share_stride_tokens_and_keep_label_and_document(tokenizer, caplog):
+    """max_length 6 holds 4 text tokens; stride 2: windows start every 2 tokens, the last holds the rest."""
+    ten, cls, sep = piece_ids(tokenizer, NUMBERS), 101, 102
+    examples = [Example(NUMBERS, None, 1.5), Example("one two", None, -2.0), Example(NUMBERS[:-4], None, 3.0)]
+    with caplog.at_level(logging.INFO, logger="minibert.data"):
+        features = encode_examples(tokenizer, examples, max_length=6, task_type="regression", stride=2,
+                                   source="train.csv")
+    expected = [ten[0:4], ten[2:6], ten[4:8], ten[6:10], ten[0:2], ten[0:4], ten[2:6], ten[4:8], ten[6:9]]
+    assert [f.input_ids.tolist() for f in features] == [[cls, *w, sep] for w in expected]
+    assert [f.document for f in features] == [0, 0, 0, 0, 1, 2, 2, 2, 2]
+    assert [f.label for f in features] == [1.5] * 4 + [-2.0] + [3.0] * 4
+    assert all(f.input_ids.dtype == np.int32 and f.token_type_ids.dtype == np.int8 for f in features)
+    assert ("2 of 3 examples in train.csv are longer than max_length=6 tokens: read in 9 windows that share 2 tokens"
+            in caplog.text)
+
+
+def test_sliding_windows_of_a_pair_pair_every_window_of_each_text(tokenizer):
+    """A pair whose two texts both overflow: the tokenizer's overflow gives each window of A with each window of B."""
+    a, b = piece_ids(tokenizer, "one two three four five six"), piece_ids(tokenizer, "seven eight nine ten")
+    features = encode_examples(tokenizer, [Example("one two three four five six", "seven eight nine ten", 0.0)],
+                               max_length=7, task_type="regression", stride=1)
+    # 4 text tokens a window, 2 per text; A's windows [1 2] [2 3] [3 4] [4 5] [5 6], B's [7 8] [8 9] [9 10].
+    windows_a = [a[i:i + 2] for i in range(5)]
+    windows_b = [b[i:i + 2] for i in range(3)]
+    got = {(tuple(f.input_ids[1:3]), tuple(f.input_ids[4:6])) for f in features}
+    assert got == {(tuple(x), tuple(y)) for x in windows_a for y in windows_b}
+    assert all(f.token_type_ids.tolist() == [0, 0, 0, 0, 1, 1, 1] and f.document == 0 for f in features)
+
+
+def test_token_windows_tag_only_the_first_piece_of_a_word_split_between_windows(tokenizer):
+    """paris johan ##son johan ##son left: 3 text tokens a window, stride 1, so windows start at pieces 0, 2, 4;
+    the windows that start on ##son continue the word before them, whose tag lies in the window before."""
+    words = ["Paris", "Johanson", "Johanson", "left"]
+    vocab = LabelVocab(["B-LOC", "B-PER", "O"])
+    features = encode_examples(tokenizer, [Example(words, None, ["B-LOC", "B-PER", "B-PER", "O"])], max_length=5,
+                               task_type="token-classification", label_vocab=vocab, stride=1)
+    tokens = [[tokenizer.id_to_token(i) for i in f.input_ids[1:-1]] for f in features]
+    assert tokens == [["paris", "johan", "##son"], ["##son", "johan", "##son"], ["##son", "left"]]
+    assert [f.word_ids.tolist() for f in features] == [[-1, 0, 1, -1, -1], [-1, -1, 2, -1, -1], [-1, -1, 3, -1]]
+    assert [f.label.tolist() for f in features] == [[-100, 0, 1, -100, -100], [-100, -100, 1, -100, -100],
+                                                    [-100, -100, 2, -100]]
+    assert all(f.word_ids.dtype == np.int32 and f.label.dtype == np.int64 for f in features)
+    # Windows without overlap (stride 0), two text tokens each: [paris johan] [##son johan] [##son left].
+    features = encode_examples(tokenizer, [Example(words, None, ["B-LOC", "B-PER", "B-PER", "O"])], max_length=4,
+                               task_type="token-classification", label_vocab=vocab, stride=0)
+    assert [f.word_ids.tolist() for f in features] == [[-1, 0, 1, -1], [-1, -1, 2, -1], [-1, -1, 3, -1]]
+
+
+def test_token_truncation_counts_the_lost_words_of_every_sentence(tokenizer, caplog):
+    vocab = LabelVocab(["B-LOC", "B-PER", "O"])
+    examples = [Example(["Johanson", "visited", "Paris", "today"], None, ["B-PER", "O", "B-LOC", "O"]),  # loses 2
+                Example(["Paris", "Paris", "Paris", "Paris", "Paris"], None, ["B-LOC"] * 5),  # loses 2
+                Example(["Paris"], None, ["B-LOC"])]
+    with caplog.at_level(logging.WARNING, logger="minibert.data"):
+        encode_examples(tokenizer, examples, max_length=5, task_type="token-classification", label_vocab=vocab)
+    assert "2 of 3 sentences in the data are longer than max_length=5 tokens: their last 4 words get no tag" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="minibert.data"):
+        encode_examples(tokenizer, examples[2:], max_length=5, task_type="token-classification", label_vocab=vocab)
+        encode_examples(tokenizer, [Example("one two three", None, 0.0), Example("one", None, 0.0)], max_length=4,
+                        task_type="regression", source="dev.csv")
+    assert caplog.messages == ["minibert: 1 of 2 examples in dev.csv were cut to max_length=4 tokens "
+                               "(--sliding-window reads them whole)"]
+
+
+def test_encode_refusals_name_what_is_wrong(tokenizer):
+    vocab = LabelVocab(["a", "b"])
+    with pytest.raises(DataError, match="^dev.csv has no examples$"):
+        encode_examples(tokenizer, [], max_length=8, task_type="classification", label_vocab=vocab, source="dev.csv")
+    with pytest.raises(DataError, match="^dev.csv mixes examples with and without a text pair$"):
+        encode_examples(tokenizer, [Example("a", "b", "a"), Example("a", None, "b")], max_length=8,
+                        task_type="classification", label_vocab=vocab, source="dev.csv")
+    with pytest.raises(ValueError, match="^multilabel needs a label_vocab to turn labels into ids$"):
+        encode_examples(tokenizer, [Example("a", None, ["a"])], max_length=8, task_type="multilabel")
+    # A pair needs 3 special tokens and a token of each text: 5 at least.
+    pair = [Example("one", "two", 1.0)]
+    assert encode_examples(tokenizer, pair, max_length=5, task_type="regression")[0].input_ids.tolist() == [
+        101, 2028, 102, 2048, 102]
+    with pytest.raises(ValueError, match="max_length=4 leaves no room for text after 3 special tokens"):
+        encode_examples(tokenizer, pair, max_length=4, task_type="regression")
+    # The stride must leave new text in each window: less than 14 text tokens of max_length 16, 6 per text of a pair.
+    with pytest.raises(ValueError, match="stride 14 must be at least 0 and less than 14, the text tokens a window of "
+                                         "max_length 16 holds: "):
+        encode_examples(tokenizer, [Example("one", None, 1.0)], max_length=16, task_type="regression", stride=14)
+    with pytest.raises(ValueError, match="less than 6, the text tokens a window of max_length 16 holds per text of a pair"):
+        encode_examples(tokenizer, pair, max_length=16, task_type="regression", stride=6)
+    assert len(encode_examples(tokenizer, pair, max_length=16, task_type="regression", stride=5)) == 1
+
+
+def test_multilabel_features_are_float32_multi_hot(tokenizer):
+    vocab = LabelVocab(["action", "comedy", "drama"])
+    (features,) = encode_examples(tokenizer, [Example("a", None, ["drama", "action"])], max_length=8,
+                                  task_type="multilabel", label_vocab=vocab)
+    assert features.label.dtype == np.float32 and features.label.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_a_tokenizer_already_set_up_is_used_as_it_is_and_padding_is_never_kept(tokenizer):
+    from minibert.data.encoding import truncating_tokenizer
+
+    prepared = truncating_tokenizer(tokenizer, 16, 2)
+    assert prepared is not tokenizer and truncating_tokenizer(prepared, 16, 2) is prepared
+    assert prepared.truncation == {"max_length": 16, "stride": 2, "strategy": "longest_first", "direction": "right"}
+    padded = Tokenizer.from_str(prepared.to_str())
+    padded.enable_padding(length=16)
+    assert truncating_tokenizer(padded, 16, 2) is not padded
+    (features,) = encode_examples(padded, [Example("one", None, 1.0)], max_length=16, task_type="regression")
+    assert features.input_ids.tolist() == [101, 2028, 102]
+
+
+def test_a_half_unknown_text_is_not_warned_about(tokenizer, caplog):
+    """The [UNK] warning is for more than half of the word pieces: [UNK] cat is half."""
+    encode_examples(tokenizer, [Example("⟡ cat", None, 1.0)], max_length=8, task_type="regression")
+    assert "[UNK]" not in caplog.text
+    encode_examples(tokenizer, [Example("⟡ ⟡ cat", None, 1.0)], max_length=8, task_type="regression")
+    assert "67% of the word pieces of the data are [UNK]" in caplog.text
+
+
 # ----------------------------------------------------------------------------- batching, by its stated rules
 
 

@@ -147,7 +147,7 @@ def encode_examples(
     return features
 
 
-def check_stride(stride: int, max_length: int, specials: int, pairs: bool = False) -> None:
+def check_stride(stride: int, max_length: int, specials: int, pairs: bool) -> None:
     """Sliding windows need room for new text in each window: stride (the tokens neighbouring windows
     share) must be less than the text tokens a window holds (per text of a pair, as longest-first
     truncation gives each text at least half)."""
@@ -158,7 +158,7 @@ def check_stride(stride: int, max_length: int, specials: int, pairs: bool = Fals
                          "or a larger max_length (--max-length)")
 
 
-def truncating_tokenizer(tokenizer: Tokenizer, max_length: int, stride: int = 0) -> Tokenizer:
+def truncating_tokenizer(tokenizer: Tokenizer, max_length: int, stride: int) -> Tokenizer:
     """The tokenizer as encode_examples uses it: truncating to max_length tokens, longest text first, the
     overflow in windows sharing `stride` tokens, no padding. A copy, so that the caller's tokenizer keeps
     its settings; one that is already set up so is returned as it is (copying a 30,000-word tokenizer

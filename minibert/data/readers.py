@@ -81,7 +81,7 @@ def _conll_sentences(path: Path, require_labels: bool) -> Iterator[tuple[str, Ex
                 yield f"line {linenos[0]}", Example(list(words), None, None if tags[0] is None else list(tags))
                 sentence = []
             continue
-        if not cells[0].strip() or (len(cells) < 2 and require_labels) or (len(cells) > 1 and not cells[-1].strip()):
+        if not cells[0].strip() or (len(cells) < 2 and require_labels):  # (the line is stripped: its last cell is not empty)
             raise DataError(
                 f"{path} line {lineno}: expected a word and its tag separated by a space or tab, found "
                 f"{line!r}; put one word per line, its tag in the last column, a blank line between sentences"
